@@ -1,0 +1,169 @@
+"""XTuner's InternVL_V1_5 wrapper, fixed for CPU and GPUs without flash-attention.
+
+Only what blocks those machines differs from XTuner:
+- XTuner forces ``flash_attention_2`` (an ImportError without flash-attn); here the
+  attention implementation and load dtype are config values (``'auto'`` picks
+  flash-attention only when it is importable and CUDA runs, else SDPA).
+- XTuner's ``_llm_forward`` calls ``torch.distributed.get_rank()`` and so needs a
+  process group even in a single process; the forward here is composed of small
+  steps (encode images, splice embeddings, run the LLM) that VITask reuses.
+- ``mlp1`` can be frozen (InternVL2 recipes and the paper keep it frozen; XTuner trains it).
+"""
+import contextlib
+import importlib.util
+import os
+
+import torch
+import xtuner.model.internvl as xtuner_internvl
+from mmengine.config import ConfigDict
+from transformers import AutoConfig
+from xtuner.model import InternVL_V1_5
+
+from ..errors import VITaskError
+from . import losses
+
+
+def resolve_attn_implementation(name):
+    """'auto' -> flash_attention_2 where flash-attn imports and CUDA runs, else sdpa."""
+    if name == "auto":
+        usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+        return "flash_attention_2" if usable else "sdpa"
+    if name not in ("eager", "sdpa", "flash_attention_2"):
+        raise VITaskError(f"attn_implementation={name!r}: use 'auto', 'eager', 'sdpa' or 'flash_attention_2'")
+    return name
+
+
+def resolve_dtype(name):
+    """'auto' -> bfloat16 on CUDA, float32 on CPU (bf16 updates of small CPU models round away)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise VITaskError(f"torch_dtype={name!r}: use 'auto', 'bfloat16', 'float16' or 'float32'") from None
+
+
+def load_internvl_config(model_path):
+    """The checkpoint's InternVLChatConfig, or one clear error for a missing or non-InternVL folder."""
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        if not os.path.exists(model_path):
+            raise VITaskError(
+                f"model {model_path} is not a local folder and could not be fetched: download the InternVL2 "
+                "checkpoint (huggingface-cli download OpenGVLab/InternVL2-2B --local-dir ...) and pass its folder"
+            ) from None
+        raise VITaskError(f"cannot read an InternVL2 config from {model_path}: {str(err).splitlines()[0]}") from None
+    if not (hasattr(config, "llm_config") and hasattr(config, "vision_config")):
+        raise VITaskError(
+            f"{model_path} is not an InternVL2 checkpoint (model_type={getattr(config, 'model_type', '?')!r}, "
+            "no llm_config/vision_config): pass an InternVL2 folder"
+        )
+    return config
+
+
+def set_attn_implementation(config, attn_implementation):
+    """Point every attention switch of an InternVLChatConfig at one implementation."""
+    flash = attn_implementation == "flash_attention_2"
+    config.use_flash_attn = flash  # read by InternVL's remote code
+    if hasattr(config.vision_config, "use_flash_attn"):
+        config.vision_config.use_flash_attn = flash
+    if config.llm_config.model_type == "internlm2":  # remote code: eager or flash only
+        config.llm_config.attn_implementation = "flash_attention_2" if flash else "eager"
+    config.llm_config._attn_implementation = attn_implementation
+
+
+@contextlib.contextmanager
+def _load_overrides(attn_implementation, torch_dtype):
+    """While XTuner's __init__ runs, let its AutoModel.from_pretrained use our attention and dtype."""
+    real_auto_model = xtuner_internvl.AutoModel
+
+    class _AutoModel:
+        @staticmethod
+        def from_pretrained(path, *args, config=None, **kwargs):
+            set_attn_implementation(config, attn_implementation)
+            kwargs["torch_dtype"] = torch_dtype
+            return real_auto_model.from_pretrained(path, *args, config=config, **kwargs)
+
+    xtuner_internvl.AutoModel = _AutoModel
+    try:
+        yield
+    finally:
+        xtuner_internvl.AutoModel = real_auto_model
+
+
+class InternVL2(InternVL_V1_5):
+    """XTuner's InternVL2 wrapper with the attention, dtype and mlp1 freezing as config values.
+
+    Args (beyond XTuner's): attn_implementation ('auto'|'eager'|'sdpa'|'flash_attention_2'),
+    torch_dtype ('auto'|'bfloat16'|'float16'|'float32'), freeze_mlp1, activation_checkpointing.
+    """
+
+    def __init__(self, model_path, *, attn_implementation="auto", torch_dtype="auto", freeze_mlp1=False,
+                 activation_checkpointing=True, llm_lora=None, **kwargs):
+        load_internvl_config(model_path)
+        self.attn_implementation = resolve_attn_implementation(attn_implementation)
+        if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
+            llm_lora = ConfigDict(llm_lora)
+        with _load_overrides(self.attn_implementation, resolve_dtype(torch_dtype)):
+            super().__init__(model_path, llm_lora=llm_lora, **kwargs)
+        self.model_path = model_path
+        self.freeze_mlp1 = freeze_mlp1
+        if freeze_mlp1:
+            self.model.mlp1.requires_grad_(False)
+        if not activation_checkpointing:
+            self.gradient_checkpointing_disable()
+
+    # ---- the steps of one forward pass -------------------------------------------------
+    @property
+    def vision_frozen(self):
+        return self.freeze_visual_encoder and self.freeze_mlp1 and not self.use_visual_encoder_lora
+
+    def encode_images(self, pixel_values):
+        """(n_tiles, 3, H, W) -> (n_tiles, num_image_token, hidden): ViT + pixel shuffle + mlp1."""
+        pixel_values = pixel_values.to(self.model.vision_model.dtype)
+        with torch.no_grad() if self.vision_frozen else contextlib.nullcontext():
+            return self.model.extract_feature(pixel_values)
+
+    def embed_tokens(self, input_ids, vit_embeds):
+        """Token embeddings with the <IMG_CONTEXT> positions holding ``vit_embeds`` (out of place)."""
+        embeds = self.model.language_model.get_input_embeddings()(input_ids)
+        selected = input_ids == self.model.img_context_token_id
+        n_slots, n_feats = int(selected.sum()), vit_embeds.shape[0] * vit_embeds.shape[1]
+        if n_slots != n_feats:
+            raise VITaskError(
+                f"the batch has {n_slots} <IMG_CONTEXT> tokens but its images give {n_feats} features: "
+                "the dataset's image size/tiling does not match the model config (use this project's dataset)"
+            )
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        index = selected.reshape(-1).nonzero().squeeze(-1)
+        flat = flat.index_copy(0, index, vit_embeds.reshape(-1, flat.shape[-1]).to(flat.dtype))
+        return flat.reshape(embeds.shape)
+
+    def llm_logits(self, inputs_embeds, attention_mask, position_ids):
+        out = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False, return_dict=True,
+        )
+        return out.logits
+
+    @staticmethod
+    def stack_tiles(pixel_values):
+        """XTuner's collate gives a (B, n, 3, H, W) tensor or a list of (n_i, 3, H, W): -> (sum n_i, 3, H, W)."""
+        if isinstance(pixel_values, (list, tuple)):
+            return torch.cat([p.unsqueeze(0) if p.ndim == 3 else p for p in pixel_values], dim=0)
+        return pixel_values.flatten(0, 1) if pixel_values.ndim == 5 else pixel_values
+
+    def forward(self, data, data_samples=None, mode="loss"):
+        if mode != "loss":
+            raise NotImplementedError(f"{type(self).__name__} supports mode='loss' only (use the eval tools)")
+        pixel_values = self.stack_tiles(data["pixel_values"])
+        # XTuner's convention: an all-zero tile stands for "no image" (text-only sample).
+        has_image = pixel_values.flatten(1).abs().sum(-1) != 0
+        vit_embeds = self.encode_images(pixel_values[has_image])
+        embeds = self.embed_tokens(data["input_ids"], vit_embeds)
+        logits = self.llm_logits(embeds, data["attention_mask"], data["position_ids"])
+        rows, targets = losses.response_rows(logits, data["labels"])
+        return {"loss": losses.vanilla_loss(rows, targets)}
