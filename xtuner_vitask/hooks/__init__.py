@@ -1,0 +1,3 @@
+from .stage import VITaskStageHook
+
+__all__ = ["VITaskStageHook"]

@@ -142,12 +142,19 @@ class InternVL2(InternVL_V1_5):
         flat = flat.index_copy(0, index, vit_embeds.reshape(-1, flat.shape[-1]).to(flat.dtype))
         return flat.reshape(embeds.shape)
 
-    def llm_logits(self, inputs_embeds, attention_mask, position_ids):
-        out = self.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=False, return_dict=True,
-        )
-        return out.logits
+    def response_logits(self, inputs_embeds, attention_mask, position_ids, labels):
+        """LLM logits (T, V) at the positions that predict the T response tokens, and their (T,) targets.
+
+        The LM head runs on response rows only: the full (B, L, V) logits of a
+        92k-token vocabulary would dominate memory and time for short answers.
+        """
+        lm = self.model.language_model
+        causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through peft
+        decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, return_dict=True).last_hidden_state
+        rows, targets = losses.response_rows(hidden, labels)
+        return causal_lm.get_output_embeddings()(rows), targets
 
     @staticmethod
     def stack_tiles(pixel_values):
@@ -164,6 +171,5 @@ class InternVL2(InternVL_V1_5):
         has_image = pixel_values.flatten(1).abs().sum(-1) != 0
         vit_embeds = self.encode_images(pixel_values[has_image])
         embeds = self.embed_tokens(data["input_ids"], vit_embeds)
-        logits = self.llm_logits(embeds, data["attention_mask"], data["position_ids"])
-        rows, targets = losses.response_rows(logits, data["labels"])
+        rows, targets = self.response_logits(embeds, data["attention_mask"], data["position_ids"], data["labels"])
         return {"loss": losses.vanilla_loss(rows, targets)}

@@ -1,0 +1,188 @@
+"""VITaskInternVL: exemplar prompting, response distribution alignment and
+contrastive response tuning (paper sec. 4, eqs. 1-7) on the InternVL2 wrapper.
+
+This is the only place that knows the stage. Stage 1 trains the LLM (LoRA) and
+the exemplar connector on L_van + L_EP + alpha L_RDA; stage 2 (switched by
+``VITaskStageHook``) freezes the connector and adds beta L_CRT.
+"""
+from collections import OrderedDict
+
+import torch
+from mmengine import print_log
+from torch.nn.utils.rnn import pad_sequence
+
+from ..errors import VITaskError
+from . import losses
+from .connector import ExemplarConnector
+from .internvl import InternVL2
+
+EP_MODES = ("cls", "all", "rep")
+
+
+def splice_tokens(embeds, attention_mask, labels, spans, tokens):
+    """Put ``tokens[i]`` (K, H) into sample i of the sequence batch, replacing ``embeds[i, a:b]`` for spans[i] = (a, b).
+
+    a == b inserts (EP_cls / EP_all: exemplar tokens beside the image tokens);
+    a < b replaces (EP_rep: TSM tokens instead of the image tokens). Inserted
+    positions are attended to and carry no label; sequences are right-padded again.
+    """
+    new_embeds, new_labels, lengths = [], [], []
+    for i, (a, b) in enumerate(spans):
+        n = int(attention_mask[i].sum())
+        k = tokens[i].shape[0]
+        new_embeds.append(torch.cat([embeds[i, :a], tokens[i].to(embeds.dtype), embeds[i, b:n]]))
+        new_labels.append(torch.cat([labels[i, :a], labels.new_full((k,), losses.IGNORE_INDEX), labels[i, b:n]]))
+        lengths.append(n - (b - a) + k)
+    embeds = pad_sequence(new_embeds, batch_first=True)
+    labels = pad_sequence(new_labels, batch_first=True, padding_value=losses.IGNORE_INDEX)
+    positions = torch.arange(embeds.shape[1], device=embeds.device)
+    mask = positions[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]
+    return embeds, mask, labels, positions.expand(len(spans), -1)
+
+
+class VITaskInternVL(InternVL2):
+    """InternVL2 + VITask (EP, RDA, CRT), trained in two stages.
+
+    Args:
+        model_path, llm_lora, ...: as ``InternVL2`` (vision encoder and mlp1 frozen by default).
+        tsm: dict(checkpoint=..., config=...) of a trained task-specific model, run frozen in
+            the loop; None when every batch brings cached exemplars (``exemplar_dim`` then required).
+        exemplar_dim: TSM feature size (checked against the TSM when both are given).
+        ep_mode: 'cls' (one CLS token beside the image tokens, the paper's default), 'all' (all
+            TSM patch tokens beside them) or 'rep' (TSM tokens replace the image tokens), Fig. 2.
+        alpha, beta: weights of L_RDA and L_CRT in eq. 7.
+        use_rda, use_crt: switch the terms off for the Table 2 ablation rows.
+        detach_rda: False gives RDA* (gradient flows into the exemplar-prompted branch).
+    """
+
+    def __init__(self, model_path, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
+                 use_rda=True, use_crt=True, detach_rda=True, freeze_mlp1=True, freeze_visual_encoder=True,
+                 **kwargs):
+        if ep_mode not in EP_MODES:
+            raise VITaskError(f"ep_mode={ep_mode!r} is not an EP mode: use one of {', '.join(EP_MODES)}")
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if value < 0:
+                raise VITaskError(f"{name}={value}: loss weights must be >= 0 (0 switches the term off)")
+        super().__init__(model_path, freeze_mlp1=freeze_mlp1, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
+        self.ep_mode, self.alpha, self.beta = ep_mode, float(alpha), float(beta)
+        self.use_rda, self.use_crt, self.detach_rda = use_rda and alpha > 0, use_crt and beta > 0, detach_rda
+
+        self.tsm = None
+        if tsm is not None:
+            from .tsm import load_tsm
+
+            self.tsm = load_tsm(**tsm)
+            if exemplar_dim is not None and exemplar_dim != self.tsm.feature_dim:
+                raise VITaskError(f"exemplar_dim={exemplar_dim} but the TSM's features have size "
+                                  f"{self.tsm.feature_dim}: drop exemplar_dim or use the matching TSM")
+            exemplar_dim = self.tsm.feature_dim
+        if exemplar_dim is None:
+            raise VITaskError("VITaskInternVL needs tsm=dict(checkpoint=..., config=...) or, with an exemplar "
+                              "cache, exemplar_dim=<TSM feature size>")
+        llm_hidden = self.model.language_model.get_input_embeddings().embedding_dim
+        self.connector = ExemplarConnector(exemplar_dim, llm_hidden)
+        self.stage = 1
+
+    # ---- stages ---------------------------------------------------------------------------
+    def set_stage(self, stage):
+        """Stage 1: connector trainable. Stage 2: connector frozen, CRT on (eq. 7)."""
+        if stage not in (1, 2):
+            raise VITaskError(f"stage={stage}: VITask has stages 1 and 2")
+        self.stage = stage
+        self.connector.requires_grad_(stage == 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.tsm is not None:
+            self.tsm.eval()  # frozen: no dropout, fixed norm statistics
+        return self
+
+    # ---- exemplars --------------------------------------------------------------------------
+    def exemplar_features(self, data):
+        """TSM features of the batch's images: from the exemplar cache if the batch has them, else the TSM."""
+        if "exemplars" in data:
+            return data["exemplars"]
+        if self.tsm is None or "tsm_pixel_values" not in data:
+            raise VITaskError("the batch has neither cached 'exemplars' nor 'tsm_pixel_values' for the TSM: "
+                              "configure VITaskDataset with exemplar_cache=... or tsm_img_size=...")
+        kind = "cls" if self.ep_mode == "cls" else "all"
+        with torch.no_grad():
+            return self.tsm.extract_features(data["tsm_pixel_values"], kind=kind)
+
+    def exemplar_tokens(self, data):
+        features = self.exemplar_features(data)
+        if self.ep_mode != "cls" and features.ndim != 3:
+            raise VITaskError(f"ep_mode={self.ep_mode!r} needs all TSM tokens but the exemplars are one vector "
+                              "per image: rebuild the exemplar cache with --kind all")
+        if self.ep_mode == "cls" and features.ndim == 3:
+            raise VITaskError("ep_mode='cls' needs one CLS feature per image but the exemplars hold all tokens: "
+                              "rebuild the exemplar cache with --kind cls")
+        if self.stage == 2:
+            with torch.no_grad():  # frozen connector
+                return self.connector(features)
+        return self.connector(features)
+
+    def exemplar_spans(self, input_ids):
+        """Per sample, where EP puts its tokens: after the image tokens, or over them for EP_rep."""
+        is_image = input_ids == self.model.img_context_token_id
+        spans = []
+        for row in is_image:
+            idx = row.nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                raise VITaskError("a sample has no <image> in its instruction: VITask needs one image per sample")
+            first, last = int(idx[0]), int(idx[-1]) + 1
+            spans.append((first, last) if self.ep_mode == "rep" else (last, last))
+        return spans
+
+    # ---- the step -----------------------------------------------------------------------------
+    def compute_losses(self, data):
+        """All terms of eq. 7 that the current stage uses, unweighted: loss_van, loss_ep, loss_rda, loss_crt."""
+        input_ids, mask, positions, labels = (data["input_ids"], data["attention_mask"],
+                                              data["position_ids"], data["labels"])
+        pixels = self.stack_tiles(data["pixel_values"])
+        n_pos = pixels.shape[0]
+        with_crt = self.stage == 2 and self.use_crt
+        if with_crt and data.get("neg_pixel_values") is not None:
+            pixels = torch.cat([pixels, data["neg_pixel_values"].to(pixels.dtype)])
+        vit = self.encode_images(pixels)  # one ViT encode per distinct image in the batch
+
+        embeds = self.embed_tokens(input_ids, vit[:n_pos])
+        plain, targets = self.response_logits(embeds, mask, positions, labels)
+        terms = OrderedDict(loss_van=losses.vanilla_loss(plain, targets))
+
+        ep_embeds, ep_mask, ep_labels, ep_positions = splice_tokens(
+            embeds, mask, labels, self.exemplar_spans(input_ids), self.exemplar_tokens(data))
+        ep, _ = self.response_logits(ep_embeds, ep_mask, ep_positions, ep_labels)
+        terms["loss_ep"] = losses.exemplar_prompting_loss(ep, targets)
+        if self.use_rda:
+            terms["loss_rda"] = losses.response_distribution_alignment_loss(plain, ep, self.detach_rda)
+
+        if with_crt:
+            neg_embeds = self.embed_tokens(input_ids, vit[data["neg_image_index"]])
+            neg, _ = self.response_logits(neg_embeds, mask, positions, labels)
+            terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain, neg, targets)
+        return terms
+
+    def forward(self, data, data_samples=None, mode="loss"):
+        if mode != "loss":
+            raise NotImplementedError("VITaskInternVL supports mode='loss' only (use VITaskEvalHook / xtuner-vitask eval)")
+        terms = self.compute_losses(data)
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()):
+                raise VITaskError(f"non-finite {name}={value.item()} in the batch with samples "
+                                  f"{data.get('ids', '?')}: lower the learning rate or check these samples")
+        return terms
+
+    def parse_losses(self, losses_dict):
+        """Eq. 7 as the optimised total; every term is logged unweighted under its own name."""
+        total = losses.vitask_objective(losses_dict, self.alpha, self.beta)
+        log_vars = OrderedDict(loss=total.detach())
+        log_vars.update((name, value.detach()) for name, value in losses_dict.items())
+        return total, log_vars
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """LoRA + mlp1 (XTuner's choice) + the connector; never the frozen towers or the TSM."""
+        to_return = super().state_dict(*args, **kwargs)
+        to_return.update((k, v) for k, v in torch.nn.Module.state_dict(self.connector, prefix="connector.").items())
+        return to_return
