@@ -1,0 +1,209 @@
+"""MedMNIST 2D data sets as the paper phrases them: label names, task types, instructions, responses.
+
+Everything about a data set (label names, task, channels, split sizes, URLs, MD5) comes from
+``medmnist.INFO``; this module only adds what the paper adds on top: readable label names, a
+modality phrase per set, the instruction template and the response format, with an exact parser
+for that format (evaluation reads model answers with :func:`parse_response`).
+
+Response formats (what the ``gpt`` turn holds and :func:`parse_response` accepts):
+
+- multi-class / binary: the label name, e.g. ``melanocytic nevi``.
+- ordinal (RetinaMNIST): the grade phrase, e.g. ``moderate diabetic retinopathy (grade 2)``.
+- multi-label (ChestMNIST): present findings in index order joined by ``", "``, e.g.
+  ``effusion, infiltration``; ``no finding`` when none is present.
+
+Parsing is case-insensitive, collapses whitespace and ignores one trailing period; anything else
+(an unknown name, findings out of order or repeated) is unparsable and gives ``None``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+from xtuner_vitask.errors import VITaskError
+
+# The 12 MedMNIST 2D classification sets of the paper, in medmnist's order.
+MEDMNIST_2D_FLAGS = (
+    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+)
+
+# Image sizes medmnist publishes for 2D sets (28 px has no suffix in the file name).
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+# The imaging modality, as it reads in "Analyze the given {modality} image for diagnosis."
+MODALITY = {
+    "pathmnist": "colon pathology",
+    "chestmnist": "chest X-ray",
+    "dermamnist": "dermatoscope",
+    "octmnist": "retinal OCT",
+    "pneumoniamnist": "chest X-ray",
+    "retinamnist": "fundus",
+    "breastmnist": "breast ultrasound",
+    "bloodmnist": "blood cell microscope",
+    "tissuemnist": "kidney cortex microscope",
+    "organamnist": "abdominal CT",
+    "organcmnist": "abdominal CT",
+    "organsmnist": "abdominal CT",
+}
+
+TASK_TYPES = ("multi-class", "binary", "multi-label", "ordinal")
+
+# medmnist's task strings -> the four kinds of responses this project formats.
+_TASK_TYPE_OF_MEDMNIST_TASK = {
+    "multi-class": "multi-class",
+    "binary-class": "binary",
+    "multi-label, binary-class": "multi-label",
+    "ordinal-regression": "ordinal",
+}
+
+# Where medmnist's label is terse, the readable phrase (the meaning is medmnist's own).
+_READABLE_LABEL = {
+    ("chestmnist", "pleural"): "pleural thickening",  # NIH ChestX-ray14 "Pleural_Thickening"
+    # RetinaMNIST grades are the diabetic retinopathy severity scale (DeepDRiD).
+    ("retinamnist", "0"): "no diabetic retinopathy (grade 0)",
+    ("retinamnist", "1"): "mild diabetic retinopathy (grade 1)",
+    ("retinamnist", "2"): "moderate diabetic retinopathy (grade 2)",
+    ("retinamnist", "3"): "severe diabetic retinopathy (grade 3)",
+    ("retinamnist", "4"): "proliferative diabetic retinopathy (grade 4)",
+}
+
+NO_FINDING = "no finding"
+
+_info_cache = None
+
+
+def medmnist_info_module():
+    """``medmnist.info`` (INFO, DEFAULT_ROOT, HOMEPAGE) without importing torch.
+
+    ``import medmnist`` imports its torch Dataset classes (~5 s); ``medmnist/info.py`` itself is
+    plain data, so it is loaded from the installed package's own file when the package is not
+    already imported.
+    """
+    global _info_cache
+    if _info_cache is None:
+        import sys
+
+        if "medmnist.info" in sys.modules:
+            _info_cache = sys.modules["medmnist.info"]
+        else:
+            spec = importlib.util.find_spec("medmnist")
+            if spec is None or not spec.submodule_search_locations:
+                raise VITaskError("the 'medmnist' package is not installed: pip install medmnist")
+            import os
+
+            path = os.path.join(list(spec.submodule_search_locations)[0], "info.py")
+            info_spec = importlib.util.spec_from_file_location("_vitask_medmnist_info", path)
+            module = importlib.util.module_from_spec(info_spec)
+            info_spec.loader.exec_module(module)
+            _info_cache = module
+    return _info_cache
+
+
+def check_flag(flag: str) -> str:
+    """Return ``flag`` if it names one of the 12 2D sets, else raise VITaskError listing them."""
+    if flag not in MEDMNIST_2D_FLAGS:
+        raise VITaskError(
+            f"unknown MedMNIST 2D data set {flag!r}: choose one of {', '.join(MEDMNIST_2D_FLAGS)}"
+        )
+    return flag
+
+
+def check_size(size) -> int:
+    """Return ``size`` if medmnist publishes 2D images of that size, else raise VITaskError."""
+    if size not in MEDMNIST_SIZES:
+        raise VITaskError(
+            f"unsupported MedMNIST image size {size!r}: choose one of "
+            f"{', '.join(map(str, MEDMNIST_SIZES))}"
+        )
+    return int(size)
+
+
+def dataset_info(flag: str) -> dict:
+    """``medmnist.INFO[flag]`` for one of the 12 2D sets (VITaskError for any other name)."""
+    check_flag(flag)
+    return medmnist_info_module().INFO[flag]
+
+
+def _readable(flag: str, raw: str) -> str:
+    if (flag, raw) in _READABLE_LABEL:
+        return _READABLE_LABEL[(flag, raw)]
+    name = raw.strip().lower()
+    name = re.sub(r"(\w)\(", r"\1 (", name)  # "granulocytes(myelocytes" -> "granulocytes (myelocytes"
+    name = re.sub(r"^(\w+)-(left|right)$", r"\2 \1", name)  # "kidney-left" -> "left kidney"
+    return re.sub(r"\s+", " ", name)
+
+
+def label_names(flag: str) -> list[str]:
+    """Readable lowercase label names of ``flag`` in index order (from ``medmnist.INFO[flag]['label']``)."""
+    labels = dataset_info(flag)["label"]
+    return [_readable(flag, labels[str(i)]) for i in range(len(labels))]
+
+
+def task_type(flag: str) -> str:
+    """'multi-class', 'binary', 'multi-label' or 'ordinal', from ``medmnist.INFO[flag]['task']``."""
+    return _TASK_TYPE_OF_MEDMNIST_TASK[dataset_info(flag)["task"]]
+
+
+def instruction(modality: str, label_names: list[str], variant: str = "complete") -> str:
+    """The paper's instruction; ``variant='incomplete'`` drops the list of diagnoses (paper Fig. 5)."""
+    base = f"Analyze the given {modality} image for diagnosis."
+    if variant == "complete":
+        return f"{base} The possible diagnoses are: {', '.join(label_names)}."
+    if variant == "incomplete":
+        return base
+    raise VITaskError(f"unknown instruction variant {variant!r}: choose 'complete' or 'incomplete'")
+
+
+def _check_task_type(task_type: str) -> None:
+    if task_type not in TASK_TYPES:
+        raise VITaskError(f"unknown task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
+
+
+def format_response(task_type: str, label_names: list[str], label_indices) -> str:
+    """The response text for a record whose labels are ``label_indices`` (see module docstring)."""
+    _check_task_type(task_type)
+    indices = [int(i) for i in label_indices]
+    for i in indices:
+        if not 0 <= i < len(label_names):
+            raise VITaskError(f"label index {i} is outside 0..{len(label_names) - 1}")
+    if task_type == "multi-label":
+        if not indices:
+            return NO_FINDING
+        return ", ".join(label_names[i] for i in sorted(set(indices)))
+    if len(indices) != 1:
+        raise VITaskError(f"a {task_type} record has exactly one label, got {indices}")
+    return label_names[indices[0]]
+
+
+def _normalize(text: str) -> str:
+    text = re.sub(r"\s+", " ", str(text)).strip().lower()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+def parse_response(task_type: str, label_names: list[str], text: str) -> list[int] | None:
+    """Label indices that :func:`format_response` turned into ``text``; ``None`` when unparsable."""
+    _check_task_type(task_type)
+    names = [_normalize(n) for n in label_names]
+    answer = _normalize(text)
+    if task_type != "multi-label":
+        return [names.index(answer)] if answer in names else None
+    if answer == NO_FINDING:
+        return []
+    answer = re.sub(r"\s*,\s*", ", ", answer)
+    return _parse_findings(answer, names, start=0)
+
+
+def _parse_findings(answer: str, names: list[str], start: int) -> list[int] | None:
+    """Split ``answer`` into names with index >= ``start`` joined by ", " (backtracks over commas in names)."""
+    for i in range(start, len(names)):
+        name = names[i]
+        if answer == name:
+            return [i]
+        if answer.startswith(name + ", "):
+            rest = _parse_findings(answer[len(name) + 2:], names, i + 1)
+            if rest is not None:
+                return [i] + rest
+    return None
