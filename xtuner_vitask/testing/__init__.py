@@ -1,0 +1,1 @@
+from .tiny_internvl import build_tiny_internvl
