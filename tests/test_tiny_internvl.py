@@ -111,6 +111,27 @@ def test_chat_and_batch_chat_return_text(checkpoints, llm):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+@pytest.mark.parametrize("llm", LLMS)
+def test_tokenizer_chat_template_matches_conversation_prompt(checkpoints, llm):
+    _, model, tokenizer = load(checkpoints[llm])
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "melanoma"},
+                {"role": "user", "content": "Sure?"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    _, prompt = model._build_query("Sure?", [("<image>\nWhat is it?", "melanoma")], [], "", "", "")
+    assert rendered == prompt
+
+
+def test_resaved_model_folder_loads_on_its_own(checkpoints, tmp_path):
+    """An export (save_pretrained of the loaded model) carries the remote code and auto_map."""
+    _, model, tokenizer = load(checkpoints["llama"])
+    model.save_pretrained(tmp_path / "exported")
+    tokenizer.save_pretrained(tmp_path / "exported")
+    assert (tmp_path / "exported" / "modeling_internvl_chat.py").exists()
+    _, reloaded, _ = load(tmp_path / "exported")
+    for (name, before), after in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(before, after), name
+
+
 def test_xtuner_style_flash_request_falls_back_in_bfloat16(checkpoints):
     from transformers import AutoConfig
 

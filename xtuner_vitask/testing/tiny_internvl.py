@@ -99,7 +99,27 @@ def _training_corpus():
     return lines
 
 
-def build_tokenizer(flavour):
+def chat_template_for(name):
+    """A Jinja chat template that renders the same prompt as ``conversation.get_conv_template(name)``."""
+    from .remote_code.conversation import get_conv_template
+
+    conversation = get_conv_template(name)
+    system_prefix, system_suffix = conversation.system_template.split("{system_message}")
+    user, assistant = conversation.roles
+    sep = conversation.sep
+    return (
+        "{% if messages[0]['role'] == 'system' %}"
+        f"{system_prefix}{{{{ messages[0]['content'] }}}}{system_suffix}{sep}"
+        f"{{% else %}}{system_prefix}{conversation.system_message}{system_suffix}{sep}{{% endif %}}"
+        "{% for message in messages %}"
+        f"{{% if message['role'] == 'user' %}}{user}{{{{ message['content'] }}}}{sep}"
+        f"{{% elif message['role'] == 'assistant' %}}{assistant}{{{{ message['content'] }}}}{sep}"
+        "{% endif %}{% endfor %}"
+        f"{{% if add_generation_prompt %}}{assistant}{{% endif %}}"
+    )
+
+
+def build_tokenizer(flavour, template=None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained offline on the built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -132,6 +152,7 @@ def build_tokenizer(flavour):
         model_max_length=4096,
         padding_side="right",
         clean_up_tokenization_spaces=False,
+        chat_template=chat_template_for(template or flavour["template"]),
     )
 
 
@@ -253,7 +274,7 @@ def build_tiny_internvl(
     from .remote_code.configuration_internvl_chat import InternVLChatConfig
     from .remote_code.modeling_internvl_chat import InternVLChatModel
 
-    tokenizer = build_tokenizer(flavour)
+    tokenizer = build_tokenizer(flavour, template)
     llm_config = _llm_config_dict(flavour, tokenizer, llm_hidden, num_layers)
     vision_config = dict(
         image_size=image_size,

@@ -41,6 +41,7 @@ class InternVLChatConfig(PretrainedConfig):
     """Vision tower + MLP projector + causal LM, in InternVL2's config layout."""
 
     model_type = "internvl_chat"
+    _auto_class = "AutoConfig"  # save_pretrained copies the code and writes auto_map
     # Serialize the nested configs in full (a diff against defaults would drop
     # fields such as the LLM's model_type).
     is_composition = True

@@ -60,6 +60,9 @@ class InternVLChatModel(PreTrainedModel):
     """InternVL2's chat model layout around a small ViT and any transformers causal LM."""
 
     config_class = InternVLChatConfig
+    # save_pretrained copies this file (and the ones it imports) and writes auto_map,
+    # so an exported or re-saved model folder loads on its own.
+    _auto_class = "AutoModel"
     main_input_name = "pixel_values"
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
