@@ -63,6 +63,7 @@ class InternVL2Dataset(InternVL_V1_5_Dataset):
         if not len(data_paths) == len(image_folders) == len(repeat_times):
             raise VITaskError("data_paths, image_folders and repeat_times must have the same length")
 
+        self.data_paths = data_paths
         self.data, self.image_folder = [], []
         for path, folder, times in zip(data_paths, image_folders, repeat_times):
             records = self._read_records(path)

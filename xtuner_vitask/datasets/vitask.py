@@ -14,6 +14,16 @@ from ..errors import VITaskError
 from .internvl import InternVL2Dataset
 
 
+def tsm_preprocessing(tsm_config):
+    """(img_size, mean, std) of the TSM model in a TSM training config file."""
+    from mmengine.config import Config
+
+    if not os.path.isfile(tsm_config):
+        raise VITaskError(f"TSM config {tsm_config} does not exist: pass the config the TSM was trained with")
+    model = Config.fromfile(tsm_config).model
+    return model.get("img_size", 224), tuple(model.get("mean", (0.5,) * 3)), tuple(model.get("std", (0.5,) * 3))
+
+
 def _human_and_gpt(record):
     turns = record["conversations"]
     human = next(t["value"] for t in turns if t["from"] == "human")
@@ -26,8 +36,9 @@ class VITaskDataset(InternVL2Dataset):
 
     Args (beyond ``InternVL2Dataset``; images are one tile each by default, as CRT
     pairs an image's tokens with another image's in the same sequence):
-        tsm_img_size, tsm_mean, tsm_std: preprocessing of the TSM's input, the same as
-            the TSM was trained with; used when the TSM runs in the loop.
+        tsm_config: the TSM's training config; its model's img_size/mean/std give the TSM's
+            input preprocessing (the same as it was trained with). Or set tsm_img_size,
+            tsm_mean, tsm_std directly. Used when the TSM runs in the loop.
         exemplar_cache: a file from ``xtuner-vitask cache-exemplars``; then samples carry
             their exemplar and the TSM never runs. ``exemplar_kind`` ('cls'|'all') and
             ``tsm_checkpoint`` (checked against the cache's checksum) guard against stale caches.
@@ -35,13 +46,15 @@ class VITaskDataset(InternVL2Dataset):
         seed: the negatives' seed.
     """
 
-    def __init__(self, model_path, data_paths, image_folders=None, *, tsm_img_size=None,
+    def __init__(self, model_path, data_paths, image_folders=None, *, tsm_config=None, tsm_img_size=None,
                  tsm_mean=(0.5, 0.5, 0.5), tsm_std=(0.5, 0.5, 0.5), exemplar_cache=None, exemplar_kind="cls",
                  tsm_checkpoint=None, negatives=True, seed=0, dynamic_image_size=False, **kwargs):
         super().__init__(model_path, data_paths, image_folders, dynamic_image_size=dynamic_image_size, **kwargs)
         self.ids = [r.get("id", str(n)) for n, r in enumerate(self.data)]
         self._check_labels(data_paths)
         self.tsm_transform = None
+        if tsm_config is not None:
+            tsm_img_size, tsm_mean, tsm_std = tsm_preprocessing(tsm_config)
         if tsm_img_size is not None:
             from .classification import build_tsm_transform
 

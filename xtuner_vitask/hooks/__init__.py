@@ -1,3 +1,4 @@
+from .cls_eval import VITaskEvalHook
 from .stage import VITaskStageHook
 
-__all__ = ["VITaskStageHook"]
+__all__ = ["VITaskStageHook", "VITaskEvalHook"]

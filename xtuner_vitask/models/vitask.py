@@ -5,6 +5,8 @@ This is the only place that knows the stage. Stage 1 trains the LLM (LoRA) and
 the exemplar connector on L_van + L_EP + alpha L_RDA; stage 2 (switched by
 ``VITaskStageHook``) freezes the connector and adds beta L_CRT.
 """
+import glob
+import os
 from collections import OrderedDict
 
 import torch
@@ -17,6 +19,19 @@ from .connector import ExemplarConnector
 from .internvl import InternVL2
 
 EP_MODES = ("cls", "all", "rep")
+
+
+def resolve_checkpoint(pattern):
+    """A checkpoint path, or the newest file matching a glob such as 'work_dirs/tsm/best_*.pth'."""
+    if os.path.isfile(pattern) or not glob.has_magic(str(pattern)):
+        if not os.path.isfile(pattern):
+            raise VITaskError(f"TSM checkpoint {pattern} does not exist: train it first "
+                              "(xtuner train configs/tsm_vit_base_<set>.py) or fix model.tsm.checkpoint")
+        return pattern
+    matches = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not matches:
+        raise VITaskError(f"no TSM checkpoint matches {pattern}: train the TSM first or fix model.tsm.checkpoint")
+    return matches[-1]
 
 
 def splice_tokens(embeds, attention_mask, labels, spans, tokens):
@@ -45,8 +60,10 @@ class VITaskInternVL(InternVL2):
 
     Args:
         model_path, llm_lora, ...: as ``InternVL2`` (vision encoder and mlp1 frozen by default).
-        tsm: dict(checkpoint=..., config=...) of a trained task-specific model, run frozen in
-            the loop; None when every batch brings cached exemplars (``exemplar_dim`` then required).
+        tsm: dict(checkpoint=..., config=..., meta=...) of a trained task-specific model, run frozen
+            in the loop; ``checkpoint`` may be a glob (the newest match is used, e.g. mmengine's
+            ``best_macro_f1_epoch_*.pth``); ``meta`` (the data's meta.json) is checked against the
+            TSM's classes. None when every batch brings cached exemplars (``exemplar_dim`` then required).
         exemplar_dim: TSM feature size (checked against the TSM when both are given).
         ep_mode: 'cls' (one CLS token beside the image tokens, the paper's default), 'all' (all
             TSM patch tokens beside them) or 'rep' (TSM tokens replace the image tokens), Fig. 2.
@@ -69,9 +86,14 @@ class VITaskInternVL(InternVL2):
 
         self.tsm = None
         if tsm is not None:
-            from .tsm import load_tsm
+            from .tsm import check_tsm_matches_meta, load_tsm
 
+            tsm = dict(tsm)
+            meta = tsm.pop("meta", None)
+            tsm["checkpoint"] = resolve_checkpoint(tsm["checkpoint"])
             self.tsm = load_tsm(**tsm)
+            if meta is not None:
+                check_tsm_matches_meta(self.tsm, meta)
             if exemplar_dim is not None and exemplar_dim != self.tsm.feature_dim:
                 raise VITaskError(f"exemplar_dim={exemplar_dim} but the TSM's features have size "
                                   f"{self.tsm.feature_dim}: drop exemplar_dim or use the matching TSM")

@@ -1,0 +1,78 @@
+# Vanilla XTuner InternVL2 LoRA recipe on the tiny checkpoint, for CPU.
+# Build the model and data first:
+#   xtuner-vitask make-tiny work_dirs/tiny_internvl2
+#   xtuner-vitask demo-data ... (or data_tools/medmnist_to_xtuner.py on a generated npz)
+# then: python -m xtuner.tools.train configs/internvl2_tiny_cpu_lora.py --work-dir work_dirs/tiny_vanilla
+from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
+from mmengine.optim import ConstantLR, OptimWrapper
+from peft import LoraConfig
+from torch.optim import AdamW
+from xtuner.dataset.collate_fns import default_collate_fn
+from xtuner.engine.runner import TrainLoop
+
+from xtuner_vitask.datasets import InternVL2Dataset
+from xtuner_vitask.models import InternVL2
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+path = "work_dirs/tiny_internvl2"
+data_root = "data/generated_dermamnist/"
+batch_size = 8
+max_epochs = 1
+lr = 1e-3
+seed = 0
+
+#######################################################################
+#                      PART 2  Model                                  #
+#######################################################################
+model = dict(
+    type=InternVL2,
+    model_path=path,
+    freeze_llm=True,
+    freeze_visual_encoder=True,
+    freeze_mlp1=True,
+    attn_implementation="sdpa",
+    torch_dtype="float32",
+    activation_checkpointing=False,
+    llm_lora=dict(type=LoraConfig, r=16, lora_alpha=32, lora_dropout=0.0,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=0,
+    dataset=dict(type=InternVL2Dataset, model_path=path, data_paths=data_root + "train.jsonl",
+                 dynamic_image_size=False, max_length=512),
+    sampler=dict(type="DefaultSampler", shuffle=True),
+    collate_fn=dict(type=default_collate_fn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=lr, weight_decay=0.0),
+                     clip_grad=dict(max_norm=1.0))
+param_scheduler = [dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=0)]
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=1000, max_keep_ckpts=1, save_last=True),
+)
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+               dist_cfg=dict(backend="gloo"))
+visualizer = None
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=seed, deterministic=False)
+log_processor = dict(by_epoch=False)
