@@ -1,0 +1,11 @@
+# TSM for chestmnist (14 classes, multi-label: BCE-with-logits per finding); everything else as the paper's ViT-B/16 base.
+from mmengine.config import read_base
+
+with read_base():
+    from .tsm._base_tsm_vit import *  # noqa: F401,F403
+
+data_root = "data/chestmnist_224/"
+model.update(num_classes=14, task_type="multi-label")  # noqa: F405
+train_dataloader.dataset.update(data_file=data_root + "train.jsonl")  # noqa: F405
+val_dataloader.dataset.update(data_file=data_root + "val.jsonl")  # noqa: F405
+test_dataloader.dataset.update(data_file=data_root + "test.jsonl")  # noqa: F405

@@ -1,0 +1,11 @@
+# TSM for organcmnist (11 classes, multi-class: cross-entropy); everything else as the paper's ViT-B/16 base.
+from mmengine.config import read_base
+
+with read_base():
+    from .tsm._base_tsm_vit import *  # noqa: F401,F403
+
+data_root = "data/organcmnist_224/"
+model.update(num_classes=11, task_type="multi-class")  # noqa: F405
+train_dataloader.dataset.update(data_file=data_root + "train.jsonl")  # noqa: F405
+val_dataloader.dataset.update(data_file=data_root + "val.jsonl")  # noqa: F405
+test_dataloader.dataset.update(data_file=data_root + "test.jsonl")  # noqa: F405

@@ -1,0 +1,192 @@
+"""Image-classification view of the JSONL data contract, for the task-specific model (TSM).
+
+The same JSONL + images + ``meta.json`` that the VLM trains on are read here without the
+instruction formatting: each record gives an image and its labels. One transform,
+:func:`build_tsm_transform`, turns an image into TSM pixels; VITask's dataset uses the same
+function for the TSM's pixels, so the TSM sees identical preprocessing in training, in the
+exemplar cache and inside VITask.
+
+Labels stay local to the record's task (``label`` in the contract). A merged (multi-task) set
+keeps each record's ``task``; the model maps local labels into its joint label space using the
+offsets in ``meta['tasks']``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+import torch
+from mmengine.registry import DATASETS, FUNCTIONS
+from PIL import Image
+from torch.utils.data import Dataset
+
+from xtuner_vitask.errors import VITaskError
+
+MULTI_TASK = "multi-task"
+MULTI_LABEL = "multi-label"
+SINGLE_LABEL_TYPES = ("multi-class", "binary", "ordinal")
+# timm's ViT defaults (also the ImageNet-21k ViT-B/16's pretrained_cfg): mean = std = 0.5.
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All records of a JSONL file; a broken line is a VITaskError naming file and line."""
+    if not os.path.isfile(path):
+        raise VITaskError(f"data file {path} does not exist: pass a JSONL written by data_tools")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise VITaskError(f"{path} line {line_no} is not JSON ({e.msg}): rewrite the file") from e
+    return records
+
+
+def load_meta(meta_file: str) -> dict:
+    """Read a contract ``meta.json`` and check the keys this module relies on."""
+    if not os.path.isfile(meta_file):
+        raise VITaskError(f"meta file {meta_file} does not exist: it is written beside the JSONL by data_tools")
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
+    if "task_type" not in meta or "label_names" not in meta:
+        raise VITaskError(f"{meta_file} lacks 'task_type' or 'label_names': regenerate it with data_tools")
+    if meta["task_type"] == MULTI_TASK and not meta.get("tasks"):
+        raise VITaskError(f"{meta_file} is a multi-task meta.json without 'tasks': regenerate the merged set")
+    return meta
+
+
+def task_table(meta: dict) -> dict[str, dict]:
+    """``{task: {'offset', 'num_classes', 'label_names', 'task_type'}}`` for single or merged meta."""
+    if meta["task_type"] == MULTI_TASK:
+        return {name: dict(t) for name, t in meta["tasks"].items()}
+    name = meta.get("dataset", "default")
+    return {name: {"offset": 0, "num_classes": len(meta["label_names"]),
+                   "label_names": list(meta["label_names"]), "task_type": meta["task_type"]}}
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Open an image as RGB (MedMNIST's gray sets too: timm backbones take three channels)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise VITaskError(f"image {path} does not exist: check the JSONL's 'image' paths and image_folder") from e
+    except OSError as e:
+        raise VITaskError(f"image {path} cannot be read ({e}): re-export the data set") from e
+
+
+def build_tsm_transform(img_size: int, mean: Sequence[float] = DEFAULT_MEAN,
+                        std: Sequence[float] = DEFAULT_STD, train: bool = False):
+    """PIL RGB image -> normalized float CHW tensor of ``img_size`` x ``img_size``.
+
+    Shared by TSM training, the exemplar cache and VITask's TSM pixels. Resizing is bicubic (timm's
+    ViT setting). ``train=True`` adds light augmentation: a mild random resized crop and a
+    horizontal flip.
+    """
+    from torchvision import transforms as T
+
+    if int(img_size) <= 0:
+        raise VITaskError(f"img_size must be a positive number of pixels, got {img_size}")
+    size = (int(img_size), int(img_size))
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        geometry = [T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=bicubic),
+                    T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize(size, interpolation=bicubic)]
+    return T.Compose(geometry + [T.ToTensor(), T.Normalize(list(mean), list(std))])
+
+
+def encode_label(label: Iterable[int], task_type: str, num_classes: int, record_id: str) -> torch.Tensor:
+    """Contract label (local indices) -> long scalar (single-label) or float multi-hot (multi-label)."""
+    label = list(label) if label is not None else []
+    bad = [i for i in label if not isinstance(i, int) or not 0 <= i < num_classes]
+    if bad:
+        raise VITaskError(f"record {record_id}: label {bad} is outside 0..{num_classes - 1}: fix the JSONL")
+    if task_type == MULTI_LABEL:
+        multi_hot = torch.zeros(num_classes, dtype=torch.float32)
+        multi_hot[label] = 1.0
+        return multi_hot
+    if len(label) != 1:
+        raise VITaskError(f"record {record_id}: a {task_type} record needs exactly one label, got {label}")
+    return torch.tensor(label[0], dtype=torch.long)
+
+
+@DATASETS.register_module()
+class ImageClassificationDataset(Dataset):
+    """Images and labels of one contract JSONL (single data set or merged multi-task set).
+
+    Each item is ``{'inputs': CHW float tensor, 'data_samples': {'gt_label', 'task', 'id'}}``
+    where ``gt_label`` is local to ``task`` (see :func:`encode_label`). Batch with
+    :func:`tsm_collate` (registered as ``'tsm_collate'`` in mmengine's FUNCTIONS).
+
+    Args:
+        data_file: a ``{train,val,test}.jsonl`` of the contract.
+        meta_file: its ``meta.json`` (default: beside the JSONL).
+        image_folder: root of the records' ``image`` paths (default: the JSONL's folder).
+        img_size, mean, std: see :func:`build_tsm_transform`; use the TSM's values.
+        train: enable augmentation.
+    """
+
+    def __init__(self, data_file: str, meta_file: str | None = None, image_folder: str | None = None,
+                 img_size: int = 224, mean: Sequence[float] = DEFAULT_MEAN,
+                 std: Sequence[float] = DEFAULT_STD, train: bool = False):
+        self.data_file = str(data_file)
+        folder = os.path.dirname(os.path.abspath(self.data_file))
+        self.meta_file = str(meta_file) if meta_file else os.path.join(folder, "meta.json")
+        self.image_folder = str(image_folder) if image_folder else folder
+        self.meta = load_meta(self.meta_file)
+        self.tasks = task_table(self.meta)
+        self.records = read_jsonl(self.data_file)
+        if not self.records:
+            raise VITaskError(f"{self.data_file} has no records: export a non-empty split")
+        self._check_records()
+        self.transform = build_tsm_transform(img_size, mean, std, train)
+
+    def _check_records(self):
+        """Fail at build time, not mid-epoch: unknown tasks or missing images."""
+        default_task = next(iter(self.tasks)) if len(self.tasks) == 1 else None
+        missing = []
+        for rec in self.records:
+            if "id" not in rec or "image" not in rec:
+                raise VITaskError(f"{self.data_file}: a record lacks 'id' or 'image': regenerate the JSONL")
+            task = rec.get("task", default_task)
+            if len(self.tasks) == 1:
+                task = default_task  # a single set: every record belongs to it
+            elif task not in self.tasks:
+                raise VITaskError(f"record {rec['id']}: task {task!r} is not in {self.meta_file}'s tasks "
+                                  f"{sorted(self.tasks)}: use the merged set's meta.json")
+            rec["_task"] = task
+            if not os.path.isfile(os.path.join(self.image_folder, rec["image"])):
+                missing.append(rec["image"])
+        if missing:
+            raise VITaskError(f"{len(missing)} images of {self.data_file} are missing under {self.image_folder} "
+                              f"(e.g. {missing[:3]}): pass the right image_folder")
+
+    @property
+    def metainfo(self) -> dict:
+        """The meta.json (mmengine passes it to the evaluator as ``dataset_meta``)."""
+        return dict(self.meta, tasks=self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        task = self.tasks[rec["_task"]]
+        image = load_rgb_image(os.path.join(self.image_folder, rec["image"]))
+        gt = encode_label(rec.get("label"), task["task_type"], task["num_classes"], rec["id"])
+        return {"inputs": self.transform(image),
+                "data_samples": {"gt_label": gt, "task": rec["_task"], "id": rec["id"]}}
+
+
+@FUNCTIONS.register_module(name="tsm_collate")
+def tsm_collate(batch: list[dict]) -> dict:
+    """Stack the images; keep one data-sample dict per image (labels may differ in kind per task)."""
+    return {"inputs": torch.stack([item["inputs"] for item in batch]),
+            "data_samples": [item["data_samples"] for item in batch]}
