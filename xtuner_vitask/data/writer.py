@@ -6,6 +6,7 @@ that only writes the PNGs.
 """
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -56,10 +57,17 @@ def atomic_output_dir(out_dir, force: bool = False):
 
 
 def encode_png(image, path: str) -> None:
-    """Write one uint8 image (H x W grayscale or H x W x 3 RGB) as PNG."""
+    """Write one uint8 image (H x W grayscale or H x W x 3 RGB) as PNG.
+
+    Encoded in memory and written with one call: on slow file systems Pillow's own
+    ``save(path)`` (a read-write buffered file, flushed in pieces) costs about a third more.
+    """
     from PIL import Image
 
-    Image.fromarray(image).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def _write_chunk(task) -> int:
