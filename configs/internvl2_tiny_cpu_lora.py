@@ -35,8 +35,10 @@ model = dict(
     attn_implementation="sdpa",
     torch_dtype="float32",
     activation_checkpointing=False,
+    # a random tiny LLM needs its output head trained too to learn label names in a few hundred steps
     llm_lora=dict(type=LoraConfig, r=16, lora_alpha=32, lora_dropout=0.0,
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
 )
 
 #######################################################################

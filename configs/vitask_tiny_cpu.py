@@ -23,7 +23,9 @@ model.update(  # noqa: F405
     tsm=dict(checkpoint="work_dirs/tsm_tiny_cpu/best_macro_f1_epoch_*.pth", config=None,
              meta=data_root + "meta.json"),
 )
-model.llm_lora.update(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets)  # noqa: F405
+# a random tiny LLM needs its output head trained too to learn label names in a few hundred steps
+model.llm_lora.update(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets,  # noqa: F405
+                      modules_to_save=["lm_head"])
 train_dataloader.update(batch_size=8, num_workers=0)  # noqa: F405
 train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_config=tsm_config,  # noqa: F405
                                 max_length=512)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny InternVL2, a generated MedMNIST-layout set, a tiny TSM, and a
+runner for XTuner's real train tool (its exit status is checked; the `xtuner` CLI drops it)."""
+import glob
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(config, work_dir, *cfg_options, deepspeed=None, resume=None, timeout=900, check=True):
+    """`python -m xtuner.tools.train CONFIG --work-dir DIR [...]`, from the repo root; returns the process."""
+    cmd = [sys.executable, "-m", "xtuner.tools.train", str(REPO / config), "--work-dir", str(work_dir)]
+    if deepspeed:
+        cmd += ["--deepspeed", str(REPO / deepspeed)]
+    if resume:
+        cmd += ["--resume", str(resume)]
+    if cfg_options:
+        cmd += ["--cfg-options", *cfg_options]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train tool failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from xtuner_vitask.testing import build_tiny_internvl
+
+    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_qwen2", llm="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def derma_data(tmp_path_factory):
+    """A generated (learnable) 7-class DermaMNIST-layout set, converted by data_tools."""
+    from xtuner_vitask.data.convert import convert_medmnist
+    from xtuner_vitask.testing.medmnist_npz import write_medmnist_npz
+
+    root = tmp_path_factory.mktemp("data")
+    npz = write_medmnist_npz(root / "dermamnist.npz", "dermamnist", n_per_split=(96, 32, 32), size=28, seed=0)
+    return str(convert_medmnist("dermamnist", 28, root / "dermamnist", npz_path=npz, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_tsm(tmp_path_factory, derma_data):
+    """A tiny TSM trained through the train tool on ``derma_data``: the best checkpoint's path."""
+    work = tmp_path_factory.mktemp("tsm")
+    d = derma_data
+    run_train("configs/tsm_tiny_cpu.py", work, f"train_dataloader.dataset.data_file={d}/train.jsonl",
+              f"val_dataloader.dataset.data_file={d}/val.jsonl", f"test_dataloader.dataset.data_file={d}/test.jsonl",
+              "model.num_classes=7", "train_cfg.max_epochs=3")
+    return glob.glob(str(work / "best_*.pth"))[0]
+
+
+def vitask_options(tiny_model, data, tsm_checkpoint, *extra):
+    """--cfg-options that point configs/vitask_tiny_cpu.py at the fixtures."""
+    return (f"model.model_path={tiny_model}", f"train_dataloader.dataset.model_path={tiny_model}",
+            f"train_dataloader.dataset.data_paths={data}/train.jsonl", f"model.tsm.meta={data}/meta.json",
+            f"model.tsm.checkpoint={tsm_checkpoint}", *extra)
