@@ -433,3 +433,19 @@ def test_merge_refuses_duplicates(converted, tmp_path):
     with pytest.raises(VITaskError, match="given twice"):
         merge_sets([converted["dermamnist"], converted["dermamnist"]], tmp_path / "m", progress=False)
     assert leftovers(tmp_path, "m") == []
+
+
+def test_nested_cli_subcommand(npz_root, tmp_path):
+    import argparse
+
+    from xtuner_vitask.cli import convert as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["medmnist", "--flag", "pneumoniamnist", "--root", str(npz_root), "--out",
+                              str(tmp_path / "o"), "--limit-per-split", "4", "--no-progress"])
+    assert cli.run(args) == 0 and len(read_jsonl(tmp_path / "o" / "val.jsonl")) == 4
+    args = parser.parse_args(["merge", str(tmp_path / "o"), str(npz_root), "--out", str(tmp_path / "m")])
+    with pytest.raises(VITaskError, match="meta file not found"):
+        cli.run(args)
+    assert set(cli.COMMANDS) == {"convert-medmnist", "convert-external", "merge-sets"}
