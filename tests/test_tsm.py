@@ -26,7 +26,7 @@ from xtuner_vitask.datasets.classification import (ImageClassificationDataset, b
 from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.models.exemplar_cache import ExemplarCache, build_exemplar_cache
 from xtuner_vitask.models.tsm import (TaskSlice, TaskSpecificModel, check_tsm_matches_meta, load_tsm,
-                                      task_restricted_loss, tsm_checksum)
+                                      read_tsm_identity, task_restricted_loss, tsm_checksum)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CFG = REPO / "configs" / "tsm_tiny_cpu.py"
@@ -231,6 +231,8 @@ def test_load_tsm_round_trip_freezes_and_checksums(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     assert torch.allclose(loaded.extract_features(x), model.extract_features(x))
+    identity = read_tsm_identity(ckpt)  # what VITask's dataset needs for the TSM's pixels
+    assert (identity["img_size"], identity["mean"], identity["num_classes"]) == (32, [0.5] * 3, 4)
 
 
 def test_load_tsm_refuses_non_tsm_and_mismatched_checkpoints(tmp_path):

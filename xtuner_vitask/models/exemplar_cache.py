@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 from xtuner_vitask.datasets.classification import build_tsm_transform, load_rgb_image, read_jsonl
 from xtuner_vitask.errors import VITaskError
-from xtuner_vitask.models.tsm import FEATURE_KINDS, TaskSpecificModel
+from xtuner_vitask.models.tsm import FEATURE_KINDS, TaskSpecificModel, tsm_checksum
+
+tsm_checksum_of = tsm_checksum  # the name VITaskDataset imports
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

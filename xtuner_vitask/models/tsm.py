@@ -405,6 +405,31 @@ def tsm_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
+def _read_tsm_checkpoint(checkpoint: str) -> tuple[dict, dict, dict]:
+    """(whole checkpoint, state_dict, TSM identity) of an mmengine TSM checkpoint, or a clear error."""
+    if not os.path.isfile(checkpoint):
+        raise VITaskError(f"TSM checkpoint {checkpoint} does not exist: pass the .pth that `xtuner train` saved")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)  # the user's own training state
+    except Exception as e:
+        raise VITaskError(f"{checkpoint} is not a torch checkpoint ({type(e).__name__}): pass the TSM's .pth") from e
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise VITaskError(f"{checkpoint} holds no state_dict of tensors: pass a TSM checkpoint saved by xtuner train")
+    identity = state.get("_extra_state")
+    if not (isinstance(identity, dict) and identity.get("format") == TSM_FORMAT) or \
+            not any(k.startswith("backbone.") for k in state):
+        raise VITaskError(f"{checkpoint} is not a TSM checkpoint (no TaskSpecificModel identity / 'backbone.*' "
+                          f"weights; first key {next(iter(state))!r}): pass a checkpoint of a TSM config")
+    return ckpt, state, identity
+
+
+def read_tsm_identity(checkpoint: str) -> dict:
+    """What a TSM checkpoint records about itself (model_name, num_classes, img_size, task_type,
+    tasks, mean, std) without building the model -- e.g. for the TSM's input preprocessing."""
+    return dict(_read_tsm_checkpoint(checkpoint)[2])
+
+
 def _model_cfg_from(config, ckpt: dict, checkpoint: str) -> dict:
     """The ``model`` dict of the TSM training config (a file, a Config, or the checkpoint's meta)."""
     from mmengine.config import Config
@@ -444,19 +469,8 @@ def load_tsm(checkpoint: str, config=None, map_location: str = "cpu", device: st
     ``config`` is the TSM's training config file (or a Config); without it the config stored in
     the checkpoint's ``meta`` is used. The returned model has ``sha256`` (:func:`tsm_checksum`).
     """
+    ckpt, state, identity = _read_tsm_checkpoint(checkpoint)
     sha = tsm_checksum(checkpoint)
-    try:
-        ckpt = torch.load(checkpoint, map_location=map_location, weights_only=False)  # the user's own training state
-    except Exception as e:
-        raise VITaskError(f"{checkpoint} is not a torch checkpoint ({type(e).__name__}): pass the TSM's .pth") from e
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise VITaskError(f"{checkpoint} holds no state_dict of tensors: pass a TSM checkpoint saved by xtuner train")
-    identity = state.get("_extra_state")
-    if not (isinstance(identity, dict) and identity.get("format") == TSM_FORMAT) or \
-            not any(k.startswith("backbone.") for k in state):
-        raise VITaskError(f"{checkpoint} is not a TSM checkpoint (no TaskSpecificModel identity / 'backbone.*' "
-                          f"weights; first key {next(iter(state))!r}): pass a checkpoint of a TSM config")
     model_cfg = _model_cfg_from(config, ckpt, checkpoint)
     model_type = _resolve_type(model_cfg.pop("type", None))
     if not (isinstance(model_type, type) and issubclass(model_type, TaskSpecificModel)):
