@@ -3,7 +3,7 @@
 #   python -m xtuner.tools.train configs/vitask_tiny_cpu.py --work-dir DIR --cfg-options \
 #     model.model_path=TINY train_dataloader.dataset.model_path=TINY \
 #     train_dataloader.dataset.data_paths=D/train.jsonl model.tsm.meta=D/meta.json \
-#     model.tsm.checkpoint=TSM.pth
+#     model.tsm.checkpoint=TSM.pth train_dataloader.dataset.tsm_checkpoint=TSM.pth
 from mmengine.config import read_base
 from mmengine.optim import ConstantLR, OptimWrapper
 
@@ -12,7 +12,7 @@ with read_base():
 
 path = "work_dirs/tiny_internvl2"
 data_root = "data/tiny/"
-tsm_config = "configs/tsm_tiny_cpu.py"
+tsm_checkpoint = "work_dirs/tsm_tiny_cpu/best_macro_f1_epoch_*.pth"
 lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Qwen2/Llama names
 
 model.update(  # noqa: F405
@@ -20,14 +20,14 @@ model.update(  # noqa: F405
     attn_implementation="sdpa",
     torch_dtype="float32",
     activation_checkpointing=False,
-    tsm=dict(checkpoint="work_dirs/tsm_tiny_cpu/best_macro_f1_epoch_*.pth", config=None,
+    tsm=dict(checkpoint=tsm_checkpoint, config=None,
              meta=data_root + "meta.json"),
 )
 # a random tiny LLM needs its output head trained too to learn label names in a few hundred steps
 model.llm_lora.update(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets,  # noqa: F405
                       modules_to_save=["lm_head"])
 train_dataloader.update(batch_size=8, num_workers=0)  # noqa: F405
-train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_config=tsm_config,  # noqa: F405
+train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint,  # noqa: F405
                                 max_length=512)
 
 optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=2e-3, weight_decay=0.0),  # noqa: F405
@@ -38,5 +38,6 @@ custom_hooks = [
     dict(type=VITaskEvalHook, interval=1000, max_samples=32, batch_size=16),  # noqa: F405
 ]
 default_hooks.logger.update(interval=1)  # noqa: F405
+log_processor = dict(by_epoch=False, window_size=1)  # log every step unsmoothed (tests compare them)
 default_hooks.checkpoint.update(interval=1000, max_keep_ckpts=1)  # noqa: F405
 env_cfg.dist_cfg.update(backend="gloo")  # noqa: F405

@@ -70,4 +70,5 @@ def vitask_options(tiny_model, data, tsm_checkpoint, *extra):
     """--cfg-options that point configs/vitask_tiny_cpu.py at the fixtures."""
     return (f"model.model_path={tiny_model}", f"train_dataloader.dataset.model_path={tiny_model}",
             f"train_dataloader.dataset.data_paths={data}/train.jsonl", f"model.tsm.meta={data}/meta.json",
-            f"model.tsm.checkpoint={tsm_checkpoint}", *extra)
+            f"model.tsm.checkpoint={tsm_checkpoint}", f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}",
+            *extra)

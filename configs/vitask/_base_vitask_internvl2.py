@@ -6,8 +6,9 @@
 #     with read_base():
 #         from .vitask._base_vitask_internvl2 import *
 #     data_root = "data/pathmnist_224/"
-#     train_dataloader.dataset.update(data_paths=data_root + "train.jsonl", tsm_config=...)
-#     model.tsm.update(checkpoint=..., config=..., meta=data_root + "meta.json")
+#     tsm_checkpoint = "work_dirs/tsm_vit_base_path/best_macro_f1_epoch_*.pth"
+#     train_dataloader.dataset.update(data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint)
+#     model.tsm.update(checkpoint=tsm_checkpoint, meta=data_root + "meta.json")
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
 from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
@@ -30,8 +31,8 @@ lora_targets = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forwa
 
 # Data (written by data_tools) and the TSM trained on it (configs/tsm_vit_base_<set>.py)
 data_root = "data/dermamnist_224/"
-tsm_config = "configs/tsm_vit_base_derma.py"
-tsm_checkpoint = "work_dirs/tsm_vit_base_derma/best_macro_f1_epoch_*.pth"  # newest match
+# the TSM checkpoint (a glob picks the newest match) records its own config and preprocessing
+tsm_checkpoint = "work_dirs/tsm_vit_base_derma/best_macro_f1_epoch_*.pth"
 
 # VITask (Table 2 ablation rows are changes of these)
 ep_mode = "cls"  # cls | all | rep (paper Fig. 2)
@@ -90,7 +91,7 @@ train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
     dataset=dict(type=VITaskDataset, model_path=path, data_paths=data_root + "train.jsonl",
-                 tsm_config=tsm_config, max_length=4096, seed=0),
+                 tsm_checkpoint=tsm_checkpoint, max_length=4096, seed=0),
     sampler=dict(type=DefaultSampler, shuffle=True),
     collate_fn=dict(type=vitask_collate_fn),
 )

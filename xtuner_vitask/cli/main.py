@@ -11,12 +11,14 @@ import sys
 from .. import __version__
 from ..errors import VITaskError
 
-SUBCOMMANDS = {
-    "make-tiny": "xtuner_vitask.cli.make_tiny",
-}
-
-HELP = {
-    "make-tiny": "write a tiny InternVL2-compatible checkpoint (random weights) for offline tests",
+SUBCOMMANDS = {  # name -> (module, help); a module with COMMANDS serves several names
+    "convert-medmnist": ("xtuner_vitask.cli.convert", "MedMNIST 2D npz -> images + XTuner InternVL JSONL + meta.json"),
+    "convert-external": ("xtuner_vitask.cli.convert", "image folder + CSV (image,label) -> the same format"),
+    "merge-sets": ("xtuner_vitask.cli.convert", "merge converted sets into one set with a joint label space"),
+    "cache-exemplars": ("xtuner_vitask.cli.cache_exemplars",
+                        "compute every image's TSM exemplar once (cls or all tokens), keyed by record id"),
+    "make-tiny": ("xtuner_vitask.cli.make_tiny",
+                  "write a tiny InternVL2-compatible checkpoint (random weights) for offline tests"),
 }
 
 
@@ -24,8 +26,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="xtuner-vitask", description="VITask for XTuner's InternVL2 recipes")
     parser.add_argument("--version", action="version", version=f"xtuner-vitask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        sub.add_parser(name, help=HELP.get(name, ""), add_help=False)
+    for name, (_, text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -37,12 +39,15 @@ def main(argv=None):
         parser.print_help()
         return 2
     name = argv[0]
-    module = importlib.import_module(SUBCOMMANDS[name])
-    sub = argparse.ArgumentParser(prog=f"xtuner-vitask {name}", description=HELP.get(name))
-    module.add_arguments(sub)
+    module_name, text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    add_arguments, run = (module.COMMANDS[name][:2] if name in getattr(module, "COMMANDS", {})
+                          else (module.add_arguments, module.run))
+    sub = argparse.ArgumentParser(prog=f"xtuner-vitask {name}", description=text)
+    add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        return int(run(args) or 0)
     except VITaskError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,9 +36,9 @@ class VITaskDataset(InternVL2Dataset):
 
     Args (beyond ``InternVL2Dataset``; images are one tile each by default, as CRT
     pairs an image's tokens with another image's in the same sequence):
-        tsm_config: the TSM's training config; its model's img_size/mean/std give the TSM's
-            input preprocessing (the same as it was trained with). Or set tsm_img_size,
-            tsm_mean, tsm_std directly. Used when the TSM runs in the loop.
+        tsm_checkpoint: the TSM checkpoint (a glob picks the newest match); the img_size/mean/std
+            it records give the TSM's input preprocessing, exactly as it was trained. Or pass
+            tsm_config (its training config) or tsm_img_size/tsm_mean/tsm_std directly.
         exemplar_cache: a file from ``xtuner-vitask cache-exemplars``; then samples carry
             their exemplar and the TSM never runs. ``exemplar_kind`` ('cls'|'all') and
             ``tsm_checkpoint`` (checked against the cache's checksum) guard against stale caches.
@@ -53,7 +53,14 @@ class VITaskDataset(InternVL2Dataset):
         self.ids = [r.get("id", str(n)) for n, r in enumerate(self.data)]
         self._check_labels(data_paths)
         self.tsm_transform = None
-        if tsm_config is not None:
+        if tsm_checkpoint is not None:
+            from ..models.tsm import read_tsm_identity
+            from ..models.vitask import resolve_checkpoint
+
+            tsm_checkpoint = resolve_checkpoint(tsm_checkpoint)
+            identity = read_tsm_identity(tsm_checkpoint)
+            tsm_img_size, tsm_mean, tsm_std = identity["img_size"], identity["mean"], identity["std"]
+        elif tsm_config is not None:
             tsm_img_size, tsm_mean, tsm_std = tsm_preprocessing(tsm_config)
         if tsm_img_size is not None:
             from .classification import build_tsm_transform
@@ -66,6 +73,7 @@ class VITaskDataset(InternVL2Dataset):
             self.exemplars = ExemplarCache.load(
                 exemplar_cache, expected_kind=exemplar_kind, required_ids=self.ids,
                 expected_tsm_sha256=tsm_checksum_of(tsm_checkpoint) if tsm_checkpoint else None)
+            self.tsm_transform = None  # the cache replaces the TSM's input
         if self.tsm_transform is None and self.exemplars is None:
             raise VITaskError("VITaskDataset needs tsm_img_size=... (TSM in the loop) or exemplar_cache=... (cached)")
         self.seed = seed

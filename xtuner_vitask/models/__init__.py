@@ -1,10 +1,23 @@
-"""Models: the InternVL2 wrapper, VITask on top of it, the exemplar connector, losses."""
+"""Models: the InternVL2 wrapper, VITask on top of it, the exemplar connector, the TSM, losses.
+
+Exports resolve lazily: ``from xtuner_vitask.models.tsm import ...`` does not pay
+for importing XTuner and transformers.
+"""
+import importlib
+
 from .._compat import allow_training_state_loads
 
 allow_training_state_loads()  # configs import this package before the runner resumes
 
-from .connector import ExemplarConnector  # noqa: E402
-from .internvl import InternVL2  # noqa: E402
-from .vitask import VITaskInternVL  # noqa: E402
+_EXPORTS = {
+    "InternVL2": ".internvl", "VITaskInternVL": ".vitask", "ExemplarConnector": ".connector",
+    "TaskSpecificModel": ".tsm", "load_tsm": ".tsm", "tsm_checksum": ".tsm", "check_tsm_matches_meta": ".tsm",
+    "read_tsm_identity": ".tsm", "ExemplarCache": ".exemplar_cache", "build_exemplar_cache": ".exemplar_cache",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["InternVL2", "VITaskInternVL", "ExemplarConnector"]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
