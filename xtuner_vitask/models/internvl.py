@@ -98,11 +98,13 @@ class InternVL2(InternVL_V1_5):
     """XTuner's InternVL2 wrapper with the attention, dtype and mlp1 freezing as config values.
 
     Args (beyond XTuner's): attn_implementation ('auto'|'eager'|'sdpa'|'flash_attention_2'),
-    torch_dtype ('auto'|'bfloat16'|'float16'|'float32'), freeze_mlp1, activation_checkpointing.
+    torch_dtype ('auto'|'bfloat16'|'float16'|'float32'), freeze_mlp1, activation_checkpointing;
+    ``llm=None`` only lets ``xtuner convert pth_to_hf`` read ``cfg.model.llm``.
     """
 
     def __init__(self, model_path, *, attn_implementation="auto", torch_dtype="auto", freeze_mlp1=False,
-                 activation_checkpointing=True, llm_lora=None, **kwargs):
+                 activation_checkpointing=True, llm_lora=None, llm=None, **kwargs):
+        # ``llm`` is ignored: XTuner's pth_to_hf reads ``cfg.model.llm`` (configs set it to None)
         load_internvl_config(model_path)
         self.attn_implementation = resolve_attn_implementation(attn_implementation)
         if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
@@ -155,6 +157,19 @@ class InternVL2(InternVL_V1_5):
                          use_cache=False, return_dict=True).last_hidden_state
         rows, targets = losses.response_rows(hidden, labels)
         return causal_lm.get_output_embeddings()(rows), targets
+
+    # ---- export (xtuner convert pth_to_hf) ----------------------------------------------------
+    @property
+    def llm(self):
+        """The LLM, under the name XTuner's tools use (pth_to_hf sets ``model.llm.config.use_cache``)."""
+        return self.model.language_model
+
+    def to_hf(self, cfg=None, save_dir=None, fp32=False, save_pretrained_kwargs=None, save_format="xtuner", **kwargs):
+        """Merged Hugging Face folder (see xtuner_vitask.export); called by ``xtuner convert pth_to_hf``."""
+        from ..export import export_to_hf
+
+        return export_to_hf(self, cfg=cfg, save_dir=save_dir, fp32=fp32, save_pretrained_kwargs=save_pretrained_kwargs,
+                            save_format=save_format, **kwargs)
 
     @staticmethod
     def stack_tiles(pixel_values):
