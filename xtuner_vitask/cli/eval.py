@@ -1,0 +1,45 @@
+"""Evaluate an exported model on a test JSONL: accuracy, macro-F1, per-class P/R/F1, confusion matrix."""
+import os
+
+from ..errors import VITaskError
+
+
+def add_arguments(parser):
+    parser.add_argument("model_dir", help="folder written by `xtuner convert pth_to_hf` (EP or plain variant)")
+    parser.add_argument("--data", required=True, help="test JSONL written by data_tools (meta.json beside it)")
+    ep = parser.add_mutually_exclusive_group()
+    ep.add_argument("--ep", dest="use_ep", action="store_true", default=None,
+                    help="exemplar prompting with the export's TSM (default when the export has one)")
+    ep.add_argument("--no-ep", dest="use_ep", action="store_false", help="the VLM alone (what RDA trains for)")
+    parser.add_argument("--mode", choices=("rank", "generate"), default="rank",
+                        help="rank: likelihood of each label name (no parsing, fast); generate: greedy answers "
+                             "parsed into labels (unparsable ones are counted)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generate mode: answer length (default: longest label name + 8 tokens)")
+    parser.add_argument("--out", default=None,
+                        help="output folder for eval.json and confusion_matrix.png "
+                             "(default: eval_results/<model>/<data>_<mode>_<ep|no-ep>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_out_dir(model_dir, data, mode, use_ep):
+    split = os.path.splitext(os.path.basename(data))[0]
+    model = os.path.basename(os.path.normpath(model_dir))
+    return os.path.join("eval_results", model, f"{split}_{mode}_{'ep' if use_ep else 'no-ep'}")
+
+
+def run(args):
+    from ..evaluation.evaluate import evaluate_export, summary_lines, write_report
+
+    if args.batch_size < 1:
+        raise VITaskError(f"--batch-size {args.batch_size}: use a positive number")
+    report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
+                             max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                             progress=not args.no_progress)
+    out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
+    written = write_report(report, out)
+    print("\n".join(summary_lines(report)))
+    print("wrote " + ", ".join(written))
+    return 0
