@@ -85,6 +85,21 @@ def _metrics(truths, preds, task_type, n, scores=None):
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}
 
 
+def score_predictions(truths, preds, task_type, num_classes, scores=None):
+    """Metrics of predictions (lists of label indices; None = unparsable) against the truths.
+
+    Returns {'metrics': all samples, unparsable ones scored as wrong; 'metrics_parsable': the
+    parsable ones alone (None if there are none); 'unparsable': their count}.
+    """
+    truths = [sorted(t) for t in truths]
+    keep = [i for i, p in enumerate(preds) if p is not None]
+    scored = [p if p is not None else _scored_as_wrong(t, task_type, num_classes) for p, t in zip(preds, truths)]
+    return dict(metrics=_metrics(truths, scored, task_type, num_classes, scores=scores),
+                metrics_parsable=_metrics([truths[i] for i in keep], [preds[i] for i in keep], task_type, num_classes)
+                if keep else None,
+                unparsable=len(preds) - len(keep))
+
+
 def _load_dataset(info, data_path, use_ep):
     from ..datasets.internvl import InternVL2Dataset
 
@@ -155,13 +170,11 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
             preds = [parse_response(kind, names, a) for a in answers]
         truths = [sorted(r["label"]) for r in group]
         parsable = [p is not None for p in preds]
-        scored = [p if p is not None else _scored_as_wrong(t, kind, n_cls) for p, t in zip(preds, truths)]
-        task_report = dict(task_type=kind, label_names=names, n=len(group), unparsable=int(len(group) - sum(parsable)),
-                           metrics=_metrics(truths, scored, kind, n_cls, scores=probs))
+        scored = score_predictions(truths, preds, kind, n_cls, scores=probs)
+        task_report = dict(task_type=kind, label_names=names, n=len(group), unparsable=scored["unparsable"],
+                           metrics=scored["metrics"])
         if mode == "generate":
-            keep = [i for i, ok in enumerate(parsable) if ok]
-            task_report["metrics_parsable"] = (_metrics([truths[i] for i in keep], [preds[i] for i in keep], kind, n_cls)
-                                               if keep else None)
+            task_report["metrics_parsable"] = scored["metrics_parsable"]
         report["tasks"][task or meta.get("dataset", "task")] = task_report
         for i, record in enumerate(group):
             sample = dict(id=record.get("id"), image=record["image"], task=task, label=truths[i],

@@ -68,6 +68,8 @@ def inspect_export(path, need_ep=False):
         tsm_dir = os.path.join(path, config["vitask"].get("tsm_subfolder", "tsm"))
         missing += [os.path.join(os.path.basename(tsm_dir), f) for f in TSM_FILES
                     if not os.path.isfile(os.path.join(tsm_dir, f))]
+        if not os.path.isfile(os.path.join(path, "modeling_internvl_chat.py")):  # modeling_vitask.py subclasses it
+            missing.append("modeling_internvl_chat.py")
     if missing:
         raise VITaskError(f"model folder {path} is incomplete: missing {', '.join(missing)}; re-export it with "
                           "`xtuner convert pth_to_hf` (or copy the files from the base InternVL2 folder)")

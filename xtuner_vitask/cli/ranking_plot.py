@@ -1,0 +1,42 @@
+"""Response-ranking plot (paper Fig. 4): density of response probabilities for positive vs negative image pairs."""
+import json
+import os
+
+
+def add_arguments(parser):
+    parser.add_argument("model_dir", help="folder written by `xtuner convert pth_to_hf`")
+    parser.add_argument("--data", required=True, help="JSONL written by data_tools (meta.json beside it)")
+    parser.add_argument("--out", required=True, help="PNG to write (a .json with the numbers is written beside it)")
+    ep = parser.add_mutually_exclusive_group()
+    ep.add_argument("--ep", dest="use_ep", action="store_true", default=None,
+                    help="exemplar prompting with the export's TSM (default when the export has one)")
+    ep.add_argument("--no-ep", dest="use_ep", action="store_false", help="the VLM alone")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the negative-image draw")
+    parser.add_argument("--title", default=None)
+
+
+def run(args):
+    from ..evaluation.evaluate import _load_dataset, read_records
+    from ..evaluation.response_ranking import plot_response_ranking, response_ranking
+    from ..export.folder import inspect_export, load_export_model, read_task_meta
+
+    info = inspect_export(args.model_dir, need_ep=bool(args.use_ep))
+    use_ep = info.has_ep if args.use_ep is None else args.use_ep
+    read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(args.data)), "meta.json"))
+    records = read_records(args.data, args.max_samples)
+    model = load_export_model(info, use_ep=use_ep)
+    dataset = _load_dataset(info, args.data, use_ep)
+    pos, neg = response_ranking(model, dataset, records, os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
+                                batch_size=args.batch_size, seed=args.seed)
+    title = args.title or f"{os.path.basename(os.path.normpath(args.model_dir))}{' + EP' if use_ep else ''}"
+    plot_response_ranking(pos, neg, args.out, title=title)
+    numbers = dict(positive=pos.tolist(), negative=neg.tolist(), use_ep=use_ep, n_pairs=len(pos),
+                   positive_mean=float(pos.mean()), negative_mean=float(neg.mean()),
+                   ranked_correctly=float((pos > neg).mean()))
+    with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
+        json.dump(numbers, f, indent=1)
+    print(f"{len(pos)} pairs: mean response probability {pos.mean():.4f} (positive) vs {neg.mean():.4f} (negative); "
+          f"positive > negative for {100 * numbers['ranked_correctly']:.1f}% of pairs; wrote {args.out}")
+    return 0
