@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers copies remote code into HF_MODULES_CACHE and imports it from there as one package for the whole
+# process; it must be set once, before transformers is imported (changing it later breaks those imports).
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="xtuner_vitask_hf_modules_")
 
 
 def _free_port():

@@ -11,19 +11,6 @@ LLMS = ("qwen2", "phi3", "llama")
 DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "phi3": "phi3-chat", "llama": "internlm2-chat"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_hub(tmp_path_factory):
-    """No hub access, and transformers' copies of the remote code go to a temporary folder."""
-    import transformers.dynamic_module_utils as dynamic_modules
-
-    modules_cache = str(tmp_path_factory.mktemp("hf_modules"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_MODULES_CACHE", modules_cache)
-        patch.setattr(dynamic_modules, "HF_MODULES_CACHE", modules_cache)
-        yield
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
