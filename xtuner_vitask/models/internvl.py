@@ -118,6 +118,13 @@ class InternVL2(InternVL_V1_5):
         if not activation_checkpointing:
             self.gradient_checkpointing_disable()
 
+    def state_dict(self, *args, **kwargs):
+        """XTuner's choice (LoRA / unfrozen towers / mlp1), minus mlp1 when it is frozen (it is the base model's)."""
+        state = super().state_dict(*args, **kwargs)
+        if getattr(self, "freeze_mlp1", False):
+            state = type(state)((k, v) for k, v in state.items() if "model.mlp1." not in k)
+        return state
+
     # ---- the steps of one forward pass -------------------------------------------------
     @property
     def vision_frozen(self):
