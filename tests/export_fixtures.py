@@ -18,13 +18,11 @@ def converter_options(tiny_model, data, tsm_checkpoint):
     return ("model.llm=None",) + vitask_options(tiny_model, data, tsm_checkpoint)
 
 
-def pth_to_hf(checkpoint, out, options, *flags, check=True, modules_cache=None):
+def pth_to_hf(checkpoint, out, options, *flags, check=True):
     """`python -m xtuner.tools.model_converters.pth_to_hf CONFIG PTH OUT [flags] --cfg-options ...`."""
     cmd = [sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf", str(REPO / CONFIG), str(checkpoint),
            str(out), *flags, "--cfg-options", *options]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if modules_cache:
-        env["HF_MODULES_CACHE"] = str(modules_cache)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # HF_MODULES_CACHE: the session's (conftest)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"pth_to_hf failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
@@ -32,7 +30,7 @@ def pth_to_hf(checkpoint, out, options, *flags, check=True, modules_cache=None):
 
 
 def build_exports(tmp_path_factory, tiny_model, derma_data, tiny_tsm):
-    """{'work', 'checkpoint', 'ep', 'plain', 'options', 'modules_cache'}: trained once per session."""
+    """{'work', 'checkpoint', 'ep', 'plain', 'options'}: trained once per session."""
     root = tmp_path_factory.getbasetemp() / "vitask_exports"
     done = root / "done.json"
     if done.is_file():
@@ -43,26 +41,12 @@ def build_exports(tmp_path_factory, tiny_model, derma_data, tiny_tsm):
                                             f"train_cfg.max_iters={TRAIN_ITERS}"))
     checkpoint = work / f"iter_{TRAIN_ITERS}.pth"
     options = converter_options(tiny_model, derma_data, tiny_tsm)
-    cache = root / "hf_modules"
-    pth_to_hf(checkpoint, root / "export_ep", options, modules_cache=cache)
-    pth_to_hf(checkpoint, root / "export_plain", options, "--save-format", "official", modules_cache=cache)
+    pth_to_hf(checkpoint, root / "export_ep", options)
+    pth_to_hf(checkpoint, root / "export_plain", options, "--save-format", "official")
     result = dict(work=str(work), checkpoint=str(checkpoint), ep=str(root / "export_ep"),
-                  plain=str(root / "export_plain"), options=list(options), modules_cache=str(cache))
+                  plain=str(root / "export_plain"), options=list(options))
     done.write_text(json.dumps(result))
     return result
-
-
-@pytest.fixture(scope="module")
-def offline_modules(tmp_path_factory):
-    """transformers' copies of remote code go to a temporary folder (no hub, no ~/.cache writes)."""
-    import transformers.dynamic_module_utils as dynamic_modules
-
-    cache = str(tmp_path_factory.mktemp("hf_modules"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_MODULES_CACHE", cache)
-        patch.setattr(dynamic_modules, "HF_MODULES_CACHE", cache)
-        yield cache
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from export_fixtures import exports, offline_modules, pth_to_hf  # noqa: F401  (fixtures)
+from export_fixtures import exports, pth_to_hf  # noqa: F401  (fixture)
 from xtuner_vitask.errors import VITaskError
 
 QUESTION = "<image>\nAnalyze the given dermatoscope image for diagnosis."
@@ -130,7 +130,7 @@ def test_exports_are_complete_folders(exports, tiny_model):
 
 
 @pytest.mark.slow
-def test_plain_export_loads_with_automodel_and_chats(exports, offline_modules):
+def test_plain_export_loads_with_automodel_and_chats(exports):
     model, tokenizer = load_auto(exports["plain"])
     assert type(model).__name__ == "InternVLChatModel"
     answer = model.chat(tokenizer, torch.randn(1, 3, 64, 64), QUESTION, dict(max_new_tokens=8, do_sample=False))
@@ -138,7 +138,7 @@ def test_plain_export_loads_with_automodel_and_chats(exports, offline_modules):
 
 
 @pytest.mark.slow
-def test_ep_export_chats_with_and_without_exemplars(exports, offline_modules):
+def test_ep_export_chats_with_and_without_exemplars(exports):
     model, tokenizer = load_auto(exports["ep"])
     assert type(model).__name__ == "VITaskInternVLChatModel" and model.tsm is not None
     assert not any(k.startswith("tsm.") for k in model.state_dict())
@@ -208,7 +208,7 @@ def test_checkpoint_from_another_config_is_refused(exports, tmp_path):
     state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("connector.")}
     bad = tmp_path / "vanilla_like.pth"
     torch.save(state, bad)
-    proc = pth_to_hf(bad, tmp_path / "out", exports["options"], check=False, modules_cache=exports["modules_cache"])
+    proc = pth_to_hf(bad, tmp_path / "out", exports["options"], check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "VITaskError" in last and "saved with another config" in last and "connector." in last
@@ -242,7 +242,7 @@ def narrower_tsm(path):
 
 
 @pytest.mark.slow
-def test_plug_swaps_the_tsm_and_keeps_everything_else_bit_identical(exports, tiny_tsm, tmp_path, offline_modules):
+def test_plug_swaps_the_tsm_and_keeps_everything_else_bit_identical(exports, tiny_tsm, tmp_path):
     from xtuner_vitask.cli.plug import plug_tsm
 
     new_tsm = perturbed_tsm(tiny_tsm, tmp_path / "new_tsm.pth")
