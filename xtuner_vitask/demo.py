@@ -1,0 +1,417 @@
+"""The end-to-end demo: data -> TSM -> VITask and the vanilla recipe -> export -> eval -> chat -> one table.
+
+Every step is the tool a user would run: data_tools' converter, XTuner's own train tool and
+``pth_to_hf`` (as subprocesses, their exit status checked), the project's evaluation of the
+exported folders and its chat session. By default the data set is *generated* (learnable
+synthetic images in the exact MedMNIST npz layout, labelled as generated in meta.json, in the
+PNGs' titles and in results.json); ``flag=..., download=True`` runs a real MedMNIST set instead.
+
+The VLM is the tiny random-weight InternVL2 of :mod:`xtuner_vitask.testing`: its frozen vision
+encoder is "not specialised for the task" (the paper's premise), so it can only learn label
+names from the instruction and whatever its random image features carry, while the TSM learns
+the images. Settings are chosen so that the whole run fits a 2-core CPU in minutes.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import VITaskError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"tsm": "configs/tsm_tiny_cpu.py", "vitask": "configs/vitask_tiny_cpu.py",
+           "vanilla": "configs/internvl2_tiny_cpu_lora.py"}
+ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
+             "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and schedule of one demo run (the tiny configs' other values apply)."""
+
+    flag: str = "octmnist"  # 4 classes, short label names: a random tiny LLM learns them in minutes
+    n_per_split: tuple = (280, 70, 140)  # generated set: train, val, test images
+    vlm_image_size: int = 64
+    tsm_epochs: int = 8
+    stage1_epochs: int = 3  # EP needs a few epochs before the LLM reads the exemplar token
+    stage2_epochs: int = 1
+    connector_lr_mult: float = 30.0  # the new connector starts from scratch; LoRA is at 2e-3 already
+    vanilla_epochs: int = 4  # = stage1 + stage2: the same number of steps on the same files
+    eval_batch_size: int = 16
+
+    @property
+    def vitask_epochs(self):
+        return self.stage1_epochs + self.stage2_epochs
+
+
+FULL = DemoSettings()
+QUICK = replace(FULL, n_per_split=(160, 32, 64), tsm_epochs=5)
+
+
+# ----------------------------------------------------------------------------------------- data
+def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=0,
+              instruction_variant="complete", progress=False):
+    """The instruction data folder (train/val/test.jsonl + images + meta.json) under ``out_dir``.
+
+    Without ``download``: a generated, learnable npz in MedMNIST's layout (``<flag>.npz`` plus its
+    ``.generated.json`` marker, which the converter copies into meta.json). With ``download``:
+    medmnist's real 28 px file, fetched by medmnist where a network exists.
+    """
+    from .data.convert import convert_medmnist
+    from .testing.medmnist_npz import write_medmnist_npz
+
+    out_dir = Path(out_dir)
+    data_dir = out_dir / ("data" if instruction_variant == "complete" else f"data_{instruction_variant}")
+    if download:
+        return convert_medmnist(flag, 28, data_dir, root=out_dir / "medmnist", download=True, verify=True,
+                                instruction_variant=instruction_variant, force=True, progress=progress)
+    npz = out_dir / "generated" / f"{flag}.npz"
+    if not npz.is_file():
+        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True)
+    import warnings
+
+    with warnings.catch_warnings():  # split sizes differ from medmnist.INFO's: expected for a generated set
+        warnings.simplefilter("ignore")
+        return convert_medmnist(flag, 28, data_dir, npz_path=npz, instruction_variant=instruction_variant,
+                                force=True, progress=progress)
+
+
+def read_meta(data_dir):
+    with open(Path(data_dir) / "meta.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def data_label(meta):
+    """'generated' for a generated set (as results.json names it), else the MedMNIST flag."""
+    return "generated" if meta.get("generated") else meta["dataset"]
+
+
+def build_vlm(out_dir, image_size=FULL.vlm_image_size):
+    """The tiny random-weight InternVL2 (Qwen2 LLM) folder; reused when already there."""
+    from .testing import build_tiny_internvl
+
+    path = Path(out_dir) / "tiny_internvl2"
+    if (path / "config.json").is_file():
+        return path
+    return Path(build_tiny_internvl(path, llm="qwen2", image_size=image_size, patch_size=16, force=True))
+
+
+# ------------------------------------------------------------------------------------ training
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool_env():
+    """Environment of the train/convert tools: offline, single CPU process, no network probing."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+
+
+_ITER = re.compile(r"Iter\(train\) \[\s*(\d+)/(\d+)\]")
+_EPOCH = re.compile(r"Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\]")
+_VAL = re.compile(r"Epoch\(val\)\s*\[(\d+)\].*?accuracy: ([\d.]+)\s+macro_f1: ([\d.]+)")
+_LOSS = re.compile(r"\b(loss(?:_\w+)?): ([\d.]+(?:e[-+]\d+)?)")
+_STAGE_OR_EVAL = re.compile(r"(VITask stage \d.*|VITaskEvalHook iter .*)$")
+
+
+def progress_line(name, line):
+    """One short line for a step of the train tool's log (None for lines that are not steps)."""
+    losses = " ".join(f"{k.replace('loss_', '')}={float(v):.3f}" for k, v in _LOSS.findall(line))
+    m = _ITER.search(line)
+    if m:
+        return f"[{name}] step {m.group(1)}/{m.group(2)}  {losses}"
+    m = _EPOCH.search(line)
+    if m:
+        return f"[{name}] epoch {m.group(1)} step {m.group(2)}/{m.group(3)}  {losses}"
+    m = _VAL.search(line)
+    if m:
+        return f"[{name}] epoch {m.group(1)} val accuracy={float(m.group(2)):.3f} macro_f1={float(m.group(3)):.3f}"
+    m = _STAGE_OR_EVAL.search(line)
+    if m:
+        return f"[{name}] {m.group(1)}"
+    return None
+
+
+def run_tool(args, name, log_path, echo=print):
+    """Run ``python -m <args>`` from the repo root, log everything, echo one line per step; raise on failure."""
+    cmd = [sys.executable, "-m", *map(str, args)]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(" ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            short = progress_line(name, line.rstrip())
+            if short and echo:
+                echo(short)
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
+        raise VITaskError(f"{name} failed (exit {code}); last lines of {log_path}:\n{tail}")
+
+
+def train(config_key, work_dir, options, name, log_dir, echo=print):
+    """XTuner's train tool on one of the tiny configs; returns the work dir."""
+    work_dir = Path(work_dir)
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    run_tool(["xtuner.tools.train", REPO / CONFIGS[config_key], "--work-dir", work_dir, "--cfg-options", *options],
+             name, Path(log_dir) / f"train_{name}.log", echo)
+    return work_dir
+
+
+def final_checkpoint(work_dir):
+    """The training run's last ``iter_N.pth`` (the eval hook's ``best_*.pth`` are not it)."""
+    found = sorted(Path(work_dir).glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    if not found:
+        raise VITaskError(f"{work_dir} has no iter_*.pth: the training run did not save its last step")
+    return found[-1]
+
+
+def best_tsm_checkpoint(work_dir):
+    found = sorted(Path(work_dir).glob("best_macro_f1_epoch_*.pth"), key=os.path.getmtime)
+    if not found:
+        raise VITaskError(f"{work_dir} has no best_macro_f1_epoch_*.pth: the TSM run did not validate")
+    return found[-1]
+
+
+def tsm_options(data_dir, num_classes, epochs, seed=0):
+    d = Path(data_dir)
+    return [f"train_dataloader.dataset.data_file={d}/train.jsonl", f"val_dataloader.dataset.data_file={d}/val.jsonl",
+            f"test_dataloader.dataset.data_file={d}/test.jsonl", f"model.num_classes={num_classes}",
+            f"train_cfg.max_epochs={epochs}", "default_hooks.logger.interval=1", f"randomness.seed={seed}"]
+
+
+def vlm_options(model_dir, data_dir, epochs, seed=0, eval_batch_size=16):
+    """Options shared by the VITask and vanilla tiny configs: model, data, length, seed, end-of-run val eval."""
+    return [f"model.model_path={model_dir}", f"train_dataloader.dataset.model_path={model_dir}",
+            f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}", f"train_cfg.max_epochs={epochs}",
+            f"randomness.seed={seed}", "model.llm=None",
+            f"default_hooks.checkpoint.interval=100000", f"custom_hooks.{{hook}}.batch_size={eval_batch_size}"]
+
+
+def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, extra=()):
+    """--cfg-options for configs/vitask_tiny_cpu.py (hooks: 0 = stage switch, 1 = eval)."""
+    opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, settings.vitask_epochs, seed,
+                                                   settings.eval_batch_size)]
+    return opts + [f"model.tsm.meta={Path(data_dir) / 'meta.json'}", f"model.tsm.checkpoint={tsm_checkpoint}",
+                   f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}",
+                   f"custom_hooks.0.switch_epoch={settings.stage1_epochs}", "custom_hooks.1.interval=100000",
+                   f"optim_wrapper.paramwise_cfg.custom_keys.connector.lr_mult={settings.connector_lr_mult}",
+                   *extra]
+
+
+def vanilla_options(model_dir, data_dir, settings=FULL, seed=0, extra=()):
+    """--cfg-options for configs/internvl2_tiny_cpu_lora.py (hook 0 = eval)."""
+    opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, settings.vanilla_epochs, seed,
+                                                   settings.eval_batch_size)]
+    return opts + ["custom_hooks.0.interval=100000", *extra]
+
+
+# ----------------------------------------------------------------------------- TSM evaluation
+def tsm_test_metrics(checkpoint, data_dir, split="test", batch_size=64):
+    """Accuracy and macro-F1 of the trained TSM on ``split`` (in-process predict)."""
+    import numpy as np
+    import torch
+
+    from .datasets.classification import ImageClassificationDataset, tsm_collate
+    from .evaluation.metrics import classification_metrics
+    from .models.tsm import load_tsm
+
+    tsm = load_tsm(str(checkpoint)).eval()
+    data = ImageClassificationDataset(Path(data_dir) / f"{split}.jsonl", img_size=tsm.img_size, mean=tsm.mean,
+                                      std=tsm.std)
+    meta = data.meta
+    truths, preds = [], []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = tsm_collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            for out in tsm(batch["inputs"], batch["data_samples"], mode="predict"):
+                truths.append(out["gt_label"].numpy().astype(int))  # class index, or multi-hot row
+                preds.append(out["pred_label"].numpy().astype(int))
+    m = classification_metrics(np.stack(truths), np.stack(preds), meta["task_type"], len(meta["label_names"]))
+    return {"accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
+            "confusion_matrix": m.get("confusion_matrix")}
+
+
+# ---------------------------------------------------------------------------- export / eval
+def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False, echo=print):
+    """XTuner's ``pth_to_hf`` on a trained checkpoint (EP variant, or ``plain`` InternVL2 folder)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    args = ["xtuner.tools.model_converters.pth_to_hf", REPO / CONFIGS[config_key], checkpoint, out_dir]
+    if plain:
+        args += ["--save-format", "official"]
+    run_tool(args + ["--cfg-options", *options], name, Path(log_dir) / f"export_{name}.log", echo)
+    return out_dir
+
+
+def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16, progress=True):
+    """Rank evaluation of an export on ``split`` (report written to ``out_dir``); returns the report."""
+    from .evaluation.evaluate import evaluate_export, write_report
+
+    report = evaluate_export(str(export_dir), str(Path(data_dir) / f"{split}.jsonl"), use_ep=use_ep, mode="rank",
+                             batch_size=batch_size, progress=progress)
+    write_report(report, str(out_dir))
+    return report
+
+
+def chat_once(export_dir, image, prompt, use_ep=None, max_new_tokens=24):
+    """One greedy answer of the exported model about ``image``."""
+    from .cli.chat import ChatSession
+
+    return ChatSession(str(export_dir), str(image), use_ep=use_ep).ask(prompt, max_new_tokens=max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------- output
+def results_table(rows, data_name):
+    """The demo's one table (markdown)."""
+    lines = [f"| model ({data_name} data, test split) | accuracy | macro-F1 |", "|---|---:|---:|"]
+    lines += [f"| {ROW_NAMES.get(r['model'], r['model'])} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def scalars_of(work_dir):
+    from .evaluation.plots import read_scalars
+
+    return [r for r in read_scalars(str(work_dir)) if "loss" in r]
+
+
+def plot_training(curves, path, title):
+    """Loss terms against step, one panel per run: ``curves`` = {run name: mmengine scalar records}."""
+    from .evaluation.plots import _pyplot, _save_atomic
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    try:
+        for ax, (name, records) in zip(axes[0], curves.items()):
+            keys = [k for k in ("loss", "loss_van", "loss_ep", "loss_rda", "loss_crt") if any(k in r for r in records)]
+            for key in keys:
+                rows = [r for r in records if key in r]
+                ax.plot([r.get("step", r.get("iter", i)) for i, r in enumerate(rows)], [r[key] for r in rows],
+                        lw=1, label=key)
+            ax.set(xlabel="step", ylabel="loss", title=f"{name}", yscale="log")
+            ax.legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        return _save_atomic(fig, str(path))
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- the run
+def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed=0, echo=print):
+    """Run the whole demo; returns the results dict (also written to ``out_dir/results.json``)."""
+    started = time.perf_counter()
+    settings = QUICK if quick else FULL
+    flag = flag or settings.flag
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs, runs = out / "logs", out / "runs"
+
+    def step(text):
+        echo(f"\n== {text}  [{time.perf_counter() - started:.0f} s]")
+
+    step(f"data: {'MedMNIST ' + flag + ' (download)' if download else 'generated ' + flag + ' (MedMNIST npz layout)'}")
+    data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed)
+    meta = read_meta(data_dir)
+    name = data_label(meta)
+    counts = {k: v["total"] for k, v in meta["counts"].items()}
+    echo(f"{data_dir}: {len(meta['label_names'])} classes {meta['label_names']}, {counts}"
+         + (" -- GENERATED images, not real MedMNIST" if name == "generated" else ""))
+
+    step("tiny InternVL2 (random weights, frozen vision encoder)")
+    model_dir = build_vlm(out, settings.vlm_image_size)
+
+    step("TSM: tiny ViT classifier trained on the task")
+    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, len(meta["label_names"]), settings.tsm_epochs, seed),
+                     "tsm", logs, echo)
+    tsm_ckpt = best_tsm_checkpoint(tsm_work)
+
+    step("VITask: stage 1 (L_van + L_EP + alpha L_RDA) then stage 2 (+ beta L_CRT, connector frozen)")
+    v_opts = vitask_options(model_dir, data_dir, tsm_ckpt, settings, seed)
+    vitask_work = train("vitask", runs / "vitask", v_opts, "vitask", logs, echo)
+    step("vanilla: XTuner's InternVL2 LoRA recipe, same files, same number of steps")
+    n_opts = vanilla_options(model_dir, data_dir, settings, seed)
+    vanilla_work = train("vanilla", runs / "vanilla", n_opts, "vanilla", logs, echo)
+
+    step("export with XTuner's pth_to_hf")
+    exports = out / "exports"
+    vitask_hf = export("vitask", final_checkpoint(vitask_work), exports / "vitask_ep", v_opts, "vitask", logs, echo=echo)
+    vanilla_hf = export("vanilla", final_checkpoint(vanilla_work), exports / "vanilla", n_opts, "vanilla", logs,
+                        plain=True, echo=echo)
+
+    step("evaluate on the test split (likelihood ranking of the label names)")
+    evals = out / "eval"
+    reports = {"vanilla": evaluate(vanilla_hf, data_dir, False, evals / "vanilla", batch_size=settings.eval_batch_size),
+               "vitask_no_ep": evaluate(vitask_hf, data_dir, False, evals / "vitask_no_ep",
+                                        batch_size=settings.eval_batch_size),
+               "vitask_ep": evaluate(vitask_hf, data_dir, True, evals / "vitask_ep",
+                                     batch_size=settings.eval_batch_size)}
+    tsm_metrics = tsm_test_metrics(tsm_ckpt, data_dir)
+    rows = [{"model": key, "accuracy": float(r["accuracy"]), "macro_f1": float(r["macro_f1"])}
+            for key, r in reports.items()]
+    rows.append({"model": "tsm", "accuracy": tsm_metrics["accuracy"], "macro_f1": tsm_metrics["macro_f1"]})
+
+    step("chat once with a test image (VITask export, EP on)")
+    with open(Path(data_dir) / "test.jsonl", encoding="utf-8") as f:
+        sample = json.loads(f.readline())
+    image = Path(data_dir) / sample["image"]
+    prompt = next(t["value"] for t in sample["conversations"] if t["from"] == "human").replace("<image>", "").strip()
+    answer = chat_once(vitask_hf, image, prompt)
+    echo(f"image: {image}\nuser: {prompt}\nassistant: {answer}\n(true label: {sample['conversations'][1]['value']})")
+
+    pngs = write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work)
+    result = {"rows": rows, "data": name, "wall_time_s": round(time.perf_counter() - started, 1),
+              "flag": flag, "generated": name == "generated", "settings": asdict(settings), "seed": seed,
+              "chat": {"image": str(image), "prompt": prompt, "answer": answer}}
+    results_path = write_json_atomic(out / "results.json", result)
+    echo("\n" + results_table(rows, name))
+    if name == "generated":
+        echo("(generated data: synthetic images in MedMNIST's layout, not real medical images)")
+    echo(f"\nwall time {result['wall_time_s']:.0f} s\nresults: {results_path}\nfigures: "
+         + ", ".join(str(p) for p in pngs) + f"\nexports: {vitask_hf}, {vanilla_hf}\nlogs: {logs}")
+    return result
+
+
+def write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work):
+    """Confusion matrices (one per row) and the loss curves, in ``out``; returns their paths."""
+    from .evaluation.plots import plot_confusion_matrix, plot_loss_curves
+
+    tag = f"{meta['dataset']} ({'GENERATED' if name == 'generated' else 'MedMNIST'})"
+    pngs = []
+    for key, report in reports.items():
+        task = next(iter(report["tasks"].values()))
+        m = task["metrics"]
+        pngs.append(plot_confusion_matrix(m["confusion_matrix"], task["label_names"], str(out / f"confusion_{key}.png"),
+                                          title=f"{ROW_NAMES[key]}, {tag}: acc {m['accuracy']:.3f}"))
+    if tsm_metrics.get("confusion_matrix") is not None:
+        pngs.append(plot_confusion_matrix(tsm_metrics["confusion_matrix"], meta["label_names"],
+                                          str(out / "confusion_tsm.png"),
+                                          title=f"TSM, {tag}: acc {tsm_metrics['accuracy']:.3f}"))
+    pngs.append(plot_training({"VITask": scalars_of(vitask_work), "vanilla": scalars_of(vanilla_work)},
+                              out / "loss_curves.png", f"training losses, {tag}"))
+    pngs.append(plot_loss_curves(str(tsm_work), str(out / "loss_curves_tsm.png"), title=f"TSM, {tag}"))
+    return pngs
