@@ -12,6 +12,12 @@ from .. import __version__
 from ..errors import VITaskError
 
 SUBCOMMANDS = {  # name -> (module, help); a module with COMMANDS serves several names
+    "demo": ("xtuner_vitask.cli.demo", "run the whole method end to end on a generated set (CPU, offline) and print one table"),
+    "eval": ("xtuner_vitask.cli.eval", "accuracy, macro-F1, per-class P/R/F1 and a confusion matrix of an exported model"),
+    "chat": ("xtuner_vitask.cli.chat", "chat about an image with an exported model (like `xtuner chat`)"),
+    "plug": ("xtuner_vitask.cli.plug", "VITask^plug: swap a newly trained TSM into an EP export, no VLM training"),
+    "ranking-plot": ("xtuner_vitask.cli.ranking_plot",
+                     "density of response probabilities for positive vs negative images (paper Fig. 4)"),
     "convert-medmnist": ("xtuner_vitask.cli.convert", "MedMNIST 2D npz -> images + XTuner InternVL JSONL + meta.json"),
     "convert-external": ("xtuner_vitask.cli.convert", "image folder + CSV (image,label) -> the same format"),
     "merge-sets": ("xtuner_vitask.cli.convert", "merge converted sets into one set with a joint label space"),
