@@ -42,8 +42,9 @@ def splice_tokens(embeds, attention_mask, labels, spans, tokens):
     positions are attended to and carry no label; sequences are right-padded again.
     """
     new_embeds, new_labels, lengths = [], [], []
+    valid = attention_mask.sum(dim=1).tolist()  # one host sync for the batch, not one per sample
     for i, (a, b) in enumerate(spans):
-        n = int(attention_mask[i].sum())
+        n = int(valid[i])
         k = tokens[i].shape[0]
         new_embeds.append(torch.cat([embeds[i, :a], tokens[i].to(embeds.dtype), embeds[i, b:n]]))
         new_labels.append(torch.cat([labels[i, :a], labels.new_full((k,), losses.IGNORE_INDEX), labels[i, b:n]]))
@@ -147,13 +148,14 @@ class VITaskInternVL(InternVL2):
     def exemplar_spans(self, input_ids):
         """Per sample, where EP puts its tokens: after the image tokens, or over them for EP_rep."""
         is_image = input_ids == self.model.img_context_token_id
+        positions = torch.arange(is_image.shape[1], device=is_image.device)
+        first = torch.where(is_image, positions, is_image.shape[1]).amin(dim=1)
+        last = torch.where(is_image, positions, -1).amax(dim=1) + 1
         spans = []
-        for row in is_image:
-            idx = row.nonzero().squeeze(-1)
-            if idx.numel() == 0:
+        for a, b in torch.stack([first, last], dim=1).tolist():  # one host sync for the batch (GPU)
+            if b == 0:
                 raise VITaskError("a sample has no <image> in its instruction: VITask needs one image per sample")
-            first, last = int(idx[0]), int(idx[-1]) + 1
-            spans.append((first, last) if self.ep_mode == "rep" else (last, last))
+            spans.append((a, b) if self.ep_mode == "rep" else (b, b))
         return spans
 
     # ---- the step -----------------------------------------------------------------------------
