@@ -115,16 +115,18 @@ def _load_dataset(info, data_path, use_ep):
 
 
 def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8, max_samples=None,
-                    max_new_tokens=None, progress=True, model=None):
+                    max_new_tokens=None, progress=True, model=None, shared_prefix=True):
     """Score ``model_dir`` (an export folder) on ``data_path``; returns the report dict.
 
     ``use_ep`` None = EP when the export has a TSM. ``model``: an already loaded wrapper to reuse
-    (benchmarks evaluate one model twice).
+    (benchmarks evaluate one model twice). ``shared_prefix``: rank with the prompt computed once
+    (:mod:`.prefix_rank`, same scores) instead of one full sequence per candidate (:mod:`.ranking`).
     """
     from ..data.medmnist import parse_response
     from ..export.folder import inspect_export, load_export_model, read_task_meta
     from ..hooks.cls_eval import predictions_to_labels
     from .generate import generate_records
+    from .prefix_rank import rank_records_shared_prefix
     from .ranking import candidate_responses, rank_records
 
     if mode not in MODES:
@@ -143,6 +145,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     train_records = _train_records(data_path) if meta.get("task_type") in ("multi-label", "multi-task") else []
 
     report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
+                  rank_impl=("shared-prefix" if shared_prefix else "full-sequence") if mode == "rank" else None,
                   variant="ep" if info.has_ep else "plain", n=len(records), tasks={}, samples=[])
     started = time.perf_counter()
     for task, (task_meta, group) in _task_groups(records, meta).items():
@@ -152,8 +155,9 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
         candidates = candidate_responses(meta, task=task, train_records=task_train)
         probs = None
         if mode == "rank":
-            scores = rank_records(model, dataset, group, image_folder, candidates, use_ep=use_ep,
-                                  batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip())
+            ranker = rank_records_shared_prefix if shared_prefix else rank_records
+            scores = ranker(model, dataset, group, image_folder, candidates, use_ep=use_ep,
+                            batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip())
             best = predictions_to_labels(scores, candidates, kind, n_cls)
             preds = [[int(b)] if kind != "multi-label" else np.flatnonzero(b).tolist() for b in best]
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]
