@@ -11,6 +11,7 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.engine.runner import TrainLoop
 
 from xtuner_vitask.datasets import InternVL2Dataset
+from xtuner_vitask.hooks import VITaskEvalHook
 from xtuner_vitask.models import InternVL2
 
 #######################################################################
@@ -70,6 +71,8 @@ default_hooks = dict(
     param_scheduler=dict(type=ParamSchedulerHook),
     checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=1000, max_keep_ckpts=1, save_last=True),
 )
+# label-name ranking on val.jsonl beside the training file, at the end (same metric as VITask's hook)
+custom_hooks = [dict(type=VITaskEvalHook, interval=1000, max_samples=32, batch_size=16)]
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                dist_cfg=dict(backend="gloo"))
 visualizer = None
