@@ -10,8 +10,10 @@ of each variant:
 - ``stage 1 (cache)``:   the same model, the batch carries cached exemplars (no TSM forward);
 - ``stage 2 (TSM)`` / ``stage 2 (cache)``: stage 2 (connector frozen, + CRT negative pass).
 
-Time: the variants are interleaved round by round (rotating order) after warm-up rounds, and
-the median step over ``--repeats`` rounds is reported; torch runs on ``--threads`` threads.
+Time: the variants are interleaved round by round (rotating order) after warm-up rounds; the
+table gives the median step over ``--repeats`` rounds and, as the ratio, the median over rounds of
+(variant step / vanilla step of the same round), which cancels slow changes of machine load.
+torch runs on ``--threads`` threads (default 1: steadier when other work shares the CPU).
 
 Memory: on CPU, torch tensors are allocated by c10's allocator, which ``tracemalloc`` does not see,
 and the process RSS mixes in the Python heap, shared libraries and glibc's caching. The honest
@@ -27,7 +29,7 @@ Counts (forward pre-hooks, one un-timed step per variant): TSM forwards and imag
 CRT negatives not already in the batch), and LLM decoder passes (floor: 1 vanilla, 2 stage 1,
 3 stage 2), counted as sequences through the decoder per batch sample.
 
-    python benchmarks/bench_step.py            # llm_hidden 256, 4 layers, 224 px / patch 14 (~3-5 min on 2 cores)
+    python benchmarks/bench_step.py            # llm_hidden 256, 4 layers, 224 px / patch 14 (~5 min, 1 thread)
     python benchmarks/bench_step.py --quick    # small model, few repeats (< 1 min): checks the plumbing
 """
 from __future__ import annotations
@@ -293,8 +295,9 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
                  vlm=sizes["vlm"], tsm=sizes["tsm"], torch=torch.__version__,
                  seq_len=int(batch_cache["attention_mask"].shape[1]))
     base = rows[0]
-    for row in rows:
-        row["time_x"] = row["step_ms"] / base["step_ms"]
+    for row, v in zip(rows, variants):
+        # paired per round (same moment, same machine load), then the median: steadier than a ratio of medians
+        row["time_x"] = statistics.median(t / t0 for t, t0 in zip(v.times, variants[0].times))
         row["peak_x"] = row["peak_mb"] / base["peak_mb"]
         row["transient_x"] = row["transient_mb"] / base["transient_mb"]
         row["llm_passes"] = row["llm_sequences"] / setup["batch_size"]
@@ -336,7 +339,8 @@ def format_table(result: dict) -> str:
         f"Tiny InternVL2 (Qwen2 LLM hidden {vlm['llm_hidden']}, {vlm['num_layers']} layers; InternViT hidden "
         f"{vlm['vision_hidden']}, {vlm['num_layers']} layers, {vlm['image_size']} px / patch {vlm['patch_size']}), "
         f"batch {s['batch_size']} (padded length {s['seq_len']}), fp32, LoRA r16, torch {s['torch']} CPU, "
-        f"{s['threads']} thread(s), median of {s['repeats']} interleaved rounds after {s['warmup']} warm-up.",
+        f"{s['threads']} thread(s), median of {s['repeats']} interleaved rounds after {s['warmup']} warm-up "
+        "(time x = median of per-round ratios; ± = half the interquartile range).",
         "",
         "| variant | step ms (median) | time x vanilla | goal | peak MB | peak x | step transient MB | transient x "
         "| TSM fwd/step | ViT images/step | distinct images | LLM passes |",
