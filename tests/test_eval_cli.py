@@ -195,3 +195,25 @@ def test_ranking_plot(exports, test_jsonl, tmp_path):
     numbers = json.load(open(tmp_path / "fig4.json"))
     assert numbers["n_pairs"] == 16 and numbers["use_ep"]
     assert all(0 <= p <= 1 for p in numbers["positive"] + numbers["negative"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,use_ep", [("plain", False), ("ep", True), ("ep", False)])
+def test_shared_prefix_ranking_gives_the_full_sequence_scores(exports, test_jsonl, variant, use_ep):
+    import torch
+
+    from xtuner_vitask.evaluation.evaluate import _load_dataset, read_records
+    from xtuner_vitask.evaluation.prefix_rank import rank_batch_shared_prefix
+    from xtuner_vitask.evaluation.ranking import candidate_responses, rank_batch
+    from xtuner_vitask.export import inspect_export, load_export_model, read_task_meta
+
+    info = inspect_export(exports[variant])
+    model = load_export_model(info, use_ep=use_ep)
+    dataset = _load_dataset(info, test_jsonl, use_ep)
+    records = read_records(test_jsonl, max_samples=5)
+    candidates = candidate_responses(read_task_meta(info))
+    folder = os.path.dirname(test_jsonl)
+    full = rank_batch(model, dataset, records, folder, candidates, use_ep=use_ep)
+    shared = rank_batch_shared_prefix(model, dataset, records, folder, candidates, use_ep=use_ep)
+    assert full.shape == shared.shape == (5, 7)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)

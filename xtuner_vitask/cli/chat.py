@@ -116,7 +116,8 @@ class ChatSession:
 
         text = text.replace("<image>", "").strip()
         if self.turn == 0:
-            prompt = self.template["SYSTEM"].format(system=self.system) if self.system and "SYSTEM" in self.template else ""
+            with_system = self.system and "SYSTEM" in self.template
+            prompt = self.template["SYSTEM"].format(system=self.system) if with_system else ""
             prompt += self.template["INSTRUCTION"].format(input=f"{self.image_tokens}\n{text}", round=1)
             self.ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:

@@ -9,7 +9,8 @@ from ..errors import VITaskError
 
 def add_arguments(parser):
     parser.add_argument("model_dir", help="an EP export (`xtuner convert pth_to_hf` without --save-format official)")
-    parser.add_argument("--tsm", required=True, help="the new TSM's checkpoint (.pth saved by `xtuner train` of a TSM config)")
+    parser.add_argument("--tsm", required=True,
+                        help="the new TSM's checkpoint (.pth saved by `xtuner train` of a TSM config)")
     parser.add_argument("--tsm-config", default=None,
                         help="the new TSM's training config (default: the one stored in its checkpoint)")
     parser.add_argument("--out", required=True, help="new model folder (must not exist or be empty)")

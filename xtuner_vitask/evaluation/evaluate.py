@@ -169,7 +169,8 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
                 max_new_tokens = longest + 8
             answers = generate_records(model.model, dataset, group, image_folder,
                                        use_ep=use_ep if info.has_ep else None, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, tsm_transform=getattr(dataset, "tsm_transform", None),
+                                       max_new_tokens=max_new_tokens,
+                                       tsm_transform=getattr(dataset, "tsm_transform", None),
                                        progress=progress, desc=f"generate {task or ''}".strip())
             preds = [parse_response(kind, names, a) for a in answers]
         truths = [sorted(r["label"]) for r in group]
@@ -183,7 +184,8 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
         for i, record in enumerate(group):
             sample = dict(id=record.get("id"), image=record["image"], task=task, label=truths[i],
                           label_names=[names[c] for c in truths[i]], answer=answers[i], parsable=parsable[i],
-                          prediction=preds[i], prediction_names=None if preds[i] is None else [names[c] for c in preds[i]],
+                          prediction=preds[i],
+                          prediction_names=None if preds[i] is None else [names[c] for c in preds[i]],
                           correct=preds[i] is not None and sorted(preds[i]) == truths[i])
             if probs is not None:
                 sample["probabilities"] = [round(float(p), 6) for p in probs[i]]
@@ -207,7 +209,8 @@ def write_report(report, out_dir):
         cm = task["metrics"].get("confusion_matrix")
         if cm is None:
             continue
-        png = os.path.join(out_dir, "confusion_matrix.png" if len(report["tasks"]) == 1 else f"confusion_matrix_{name}.png")
+        png_name = "confusion_matrix.png" if len(report["tasks"]) == 1 else f"confusion_matrix_{name}.png"
+        png = os.path.join(out_dir, png_name)
         title = f"{name}: {report['mode']}{' + EP' if report['use_ep'] else ''} (acc {task['metrics']['accuracy']:.3f})"
         written.append(plot_confusion_matrix(cm, task["label_names"], png, title=title))
     path = os.path.join(out_dir, "eval.json")

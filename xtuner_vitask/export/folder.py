@@ -45,7 +45,8 @@ def inspect_export(path, need_ep=False):
         raise VITaskError(f"model folder {path} does not exist: pass the folder written by `xtuner convert pth_to_hf`")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise VITaskError(f"{path} has no config.json: it is not a model folder (export with `xtuner convert pth_to_hf`)")
+        raise VITaskError(f"{path} has no config.json: it is not a model folder "
+                          "(export with `xtuner convert pth_to_hf`)")
     config = _read_json(config_path, "model config")
     missing = []
     auto_map = config.get("auto_map") or {}
