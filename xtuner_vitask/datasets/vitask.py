@@ -151,6 +151,7 @@ class VITaskDataset(InternVL2Dataset):
             neg = self.negative_index(index)
             item["instruction_key"] = self.instruction_key[index]
             item["response_key"] = self.response_key[index]
+            item["neg_id"] = self.ids[neg]
             item["neg_pixel_values"] = self.transformer(self._image(neg)).unsqueeze(0)
         return item
 
@@ -160,8 +161,8 @@ def vitask_collate_fn(instances, **kwargs):
 
     A sample's negative is taken from the batch when another sample there has the same
     instruction and a different response (its image is encoded anyway); only the
-    others' dataset-drawn negatives are kept, so the ViT encodes each image once.
-    ``neg_image_index[i]`` indexes the concatenation [batch tiles, extra negatives].
+    others' dataset-drawn negatives are kept, once per distinct image, so the ViT encodes each
+    image once. ``neg_image_index[i]`` indexes the concatenation [batch tiles, extra negatives].
     """
     batch = default_collate_fn(instances, **kwargs)
     data = batch["data"]
@@ -174,16 +175,19 @@ def vitask_collate_fn(instances, **kwargs):
     if "neg_pixel_values" in instances[0]:
         first_tile = np.cumsum([0] + [inst["pixel_values"].shape[0] for inst in instances[:-1]])
         n_tiles = first_tile[-1] + instances[-1]["pixel_values"].shape[0]
-        neg_index, extra = [], []
+        neg_index, extra, extra_slot = [], [], {}
         for i, inst in enumerate(instances):
             partner = next((j for j, other in enumerate(instances)
                             if other["instruction_key"] == inst["instruction_key"]
                             and other["response_key"] != inst["response_key"]), None)
             if partner is not None:
                 neg_index.append(int(first_tile[partner]))
-            else:
-                neg_index.append(int(n_tiles + len(extra)))
-                extra.append(inst["neg_pixel_values"])
+            else:  # two samples may draw the same negative image: encode it once
+                key = inst.get("neg_id", ("sample", i))
+                if key not in extra_slot:
+                    extra_slot[key] = len(extra)
+                    extra.append(inst["neg_pixel_values"])
+                neg_index.append(int(n_tiles + extra_slot[key]))
         data["neg_image_index"] = torch.tensor(neg_index)
         data["neg_pixel_values"] = torch.cat(extra) if extra else None
     return batch
