@@ -7,7 +7,8 @@ Per seed: a generated MedMNIST-layout set (seeded), one TSM (reused by every row
 then XTuner's train tool on the tiny configs for each row. Each run ends with the project's
 eval hook pointed at the *test* split (likelihood ranking of the label names, with and without
 EP); nothing is selected on it. Printed: mean +- std over seeds of accuracy and macro-F1 as
-markdown tables. Finished runs are cached in OUT/runs.json, so an interrupted benchmark resumes.
+markdown tables. Finished runs are cached in OUT/seed<N>/runs.json, so an interrupted benchmark resumes;
+--only-seed N runs one seed (seeds can run side by side in several processes), --report-only prints.
 
 Rows (VITask config unless noted; "+both" is the full method, EP_cls):
   Table 2: base (L_van + L_EP, the paper's "Vanilla" row), +RDA, +CRT, +both, RDA* (+both, RDA undetached),
@@ -153,12 +154,27 @@ def tables(cache):
     return "\n".join(out)
 
 
+def load_seed(out, seed, key):
+    """Finished runs of one seed (OUT/seed<N>/runs.json), or {} when absent or made with other settings."""
+    path = out / f"seed{seed}" / "runs.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.pop("_settings", None) != key:
+        print(f"{path} was made with other settings: ignored", file=sys.stderr)
+        return {}
+    return saved
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--only-seed", type=int, default=None,
+                        help="run this one seed (several processes can run seeds side by side), then report")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (smoke run)")
     parser.add_argument("--flag", default=None, help="MedMNIST flag of the generated set (default: the demo's)")
-    parser.add_argument("--out", default="work_dirs/ablation", help="working folder (runs.json caches finished runs)")
+    parser.add_argument("--out", default="work_dirs/ablation",
+                        help="working folder (seed<N>/runs.json cache finished runs: an interrupted run resumes)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of the runs cached so far")
     args = parser.parse_args(argv)
     settings = demo.QUICK if args.quick else ABLATION
@@ -166,22 +182,22 @@ def main(argv=None):
         settings = replace(settings, flag=args.flag)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = out / "runs.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    key = json.dumps({"settings": repr(settings)})
-    if cache.pop("_settings", key) != key:
-        print(f"{cache_path} was made with other settings: starting afresh", file=sys.stderr)
-        cache = {}
-
-    def save():
-        demo.write_json_atomic(cache_path, {"_settings": key, **cache})
+    key = repr(settings)
+    cache = {str(seed): load_seed(out, seed, key) for seed in range(args.seeds)}
 
     started = time.perf_counter()
-    print(f"ablation: generated {settings.flag}, {settings.n_per_split} images, {args.seeds} seeds -> {out}", flush=True)
-    for seed in range(0 if args.report_only else args.seeds):
+    todo = [] if args.report_only else [args.only_seed] if args.only_seed is not None else range(args.seeds)
+    print(f"ablation: generated {settings.flag}, {settings.n_per_split} images, seeds {list(todo)} -> {out}",
+          flush=True)
+    for seed in todo:
+        cache[str(seed)] = load_seed(out, seed, key)
+
+        def save(seed=seed):
+            demo.write_json_atomic(out / f"seed{seed}" / "runs.json", {"_settings": key, **cache[str(seed)]})
+
         run_seed(seed, out, settings, cache, save, lambda s: print(s, flush=True))
-    print(f"\n{tables({k: v for k, v in cache.items() if int(k) < args.seeds})}\n")
-    print(f"settings: {settings}\ntotal wall time {time.perf_counter() - started:.0f} s (cached runs not counted)")
+    print(f"\n{tables({k: v for k, v in cache.items() if v})}\n")
+    print(f"settings: {settings}\nwall time {time.perf_counter() - started:.0f} s (cached runs not counted)")
     return 0
 
 
