@@ -30,6 +30,7 @@ seed = 0
 model = dict(
     type=InternVL2,
     model_path=path,
+    llm=None,  # read (and ignored) by `xtuner convert pth_to_hf`, which expects an `llm` key
     freeze_llm=True,
     freeze_visual_encoder=True,
     freeze_mlp1=True,

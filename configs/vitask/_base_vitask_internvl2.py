@@ -67,6 +67,7 @@ save_total_limit = 2
 model = dict(
     type=VITaskInternVL,
     model_path=path,
+    llm=None,  # read (and ignored) by `xtuner convert pth_to_hf`, which expects an `llm` key
     freeze_llm=True,
     freeze_visual_encoder=True,
     freeze_mlp1=True,

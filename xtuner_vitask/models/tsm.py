@@ -257,7 +257,8 @@ class TaskSpecificModel(BaseModel):
         self.backbone.eval()
         try:
             with torch.no_grad():
-                feats = self.backbone.forward_features(torch.zeros(1, 3, self.img_size, self.img_size))
+                feats = self.backbone.forward_features(torch.zeros(1, 3, self.img_size, self.img_size,
+                                                                      device=next(self.backbone.parameters()).device))
                 pooled = self.backbone.forward_head(feats, pre_logits=True)
                 tokens = self._patch_tokens(feats)
         except Exception as e:  # timm/torch raise various types for impossible sizes
@@ -488,8 +489,12 @@ def load_tsm(checkpoint: str, config=None, map_location: str = "cpu", device: st
         model_cfg.update(tasks=identity["tasks"], num_classes=None)
     else:
         model_cfg.update(tasks=None, num_classes=identity["num_classes"], task_type=identity["task_type"])
+    # `xtuner convert pth_to_hf` builds the VLM on the meta device; the frozen TSM must still get real weights
+    from accelerate import init_on_device
+
     try:
-        model = model_type(**model_cfg)
+        with init_on_device(torch.device("cpu")):
+            model = model_type(**model_cfg)
     except VITaskError as e:
         raise VITaskError(f"cannot rebuild the TSM of {checkpoint} from its config: {e}") from e
     try:
