@@ -489,14 +489,14 @@ def load_tsm(checkpoint: str, config=None, map_location: str = "cpu", device: st
         model_cfg.update(tasks=identity["tasks"], num_classes=None)
     else:
         model_cfg.update(tasks=None, num_classes=identity["num_classes"], task_type=identity["task_type"])
-    # `xtuner convert pth_to_hf` builds the VLM on the meta device; the frozen TSM must still get real weights
-    from accelerate import init_on_device
-
     try:
-        with init_on_device(torch.device("cpu")):
-            model = model_type(**model_cfg)
+        model = model_type(**model_cfg)
     except VITaskError as e:
         raise VITaskError(f"cannot rebuild the TSM of {checkpoint} from its config: {e}") from e
+    if any(p.is_meta for p in model.parameters()):
+        # `xtuner convert pth_to_hf` builds the VLM under accelerate's init_empty_weights: give the TSM real
+        # (uninitialised) storage, which the checkpoint then fills completely (missing keys are refused below)
+        model = model.to_empty(device="cpu")
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
