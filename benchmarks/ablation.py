@@ -114,15 +114,21 @@ def run_seed(seed, out, settings, cache, save, echo):
     timed("+both_incomplete", lambda: vitask("+both_incomplete", data_inc, []))
 
 
-def mean_std(values):
+def mean_std(values, n_seeds=None):
+    """'mean ± std' (sample std; 0 for one value), with '(n=k)' when only k of the n_seeds seeds have the run."""
     if not values:
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    short = f" (n={len(values)})" if n_seeds and len(values) < n_seeds else ""
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}{short}"
 
 
 def collect(cache, row, key):
     return [seed_rows[row][key] for seed_rows in cache.values() if row in seed_rows and key in seed_rows[row]]
+
+
+def cell(cache, row, key):
+    return mean_std(collect(cache, row, key), len(cache))
 
 
 def tables(cache):
@@ -133,24 +139,24 @@ def tables(cache):
     labels = {"base": "vanilla (L_van + L_EP)", "+RDA": "+RDA", "+CRT": "+CRT", "+both": "+both (VITask)",
               "RDA*": "+both, RDA* (undetached)"}
     for row in TABLE2:
-        out.append(f"| {labels[row]} | " + " | ".join(mean_std(collect(cache, row, k)) for k in
+        out.append(f"| {labels[row]} | " + " | ".join(cell(cache, row, k) for k in
                    ("accuracy_no_ep", "macro_f1_no_ep", "accuracy_ep", "macro_f1_ep")) + " |")
     out += ["", "Fig. 2 (EP modes; VITask rows trained with the full objective, evaluated with EP)", "",
             "| model | accuracy | macro-F1 |", "|---|---:|---:|"]
     fig2 = [("VLM (vanilla recipe)", "vlm", "no_ep"), ("VLM + EP_cls", "+both", "ep"),
             ("VLM + EP_all", "EP_all", "ep"), ("VLM + EP_rep", "EP_rep", "ep")]
     for label, row, suffix in fig2:
-        out.append(f"| {label} | {mean_std(collect(cache, row, 'accuracy_' + suffix))} | "
-                   f"{mean_std(collect(cache, row, 'macro_f1_' + suffix))} |")
-    out.append(f"| TSM | {mean_std(collect(cache, 'tsm', 'accuracy'))} | {mean_std(collect(cache, 'tsm', 'macro_f1'))} |")
+        out.append(f"| {label} | {cell(cache, row, 'accuracy_' + suffix)} | "
+                   f"{cell(cache, row, 'macro_f1_' + suffix)} |")
+    out.append(f"| TSM | {cell(cache, 'tsm', 'accuracy')} | {cell(cache, 'tsm', 'macro_f1')} |")
     out += ["", "Fig. 5 (incomplete instructions: no label list in the prompt; VITask evaluated w/o EP)", "",
             "| model | acc complete | macro-F1 complete | acc incomplete | macro-F1 incomplete |",
             "|---|---:|---:|---:|---:|"]
     for label, full, partial in (("vanilla recipe", "vlm", "vlm_incomplete"), ("VITask w/o EP", "+both", "+both_incomplete")):
-        out.append(f"| {label} | {mean_std(collect(cache, full, 'accuracy_no_ep'))} | "
-                   f"{mean_std(collect(cache, full, 'macro_f1_no_ep'))} | "
-                   f"{mean_std(collect(cache, partial, 'accuracy_no_ep'))} | "
-                   f"{mean_std(collect(cache, partial, 'macro_f1_no_ep'))} |")
+        out.append(f"| {label} | {cell(cache, full, 'accuracy_no_ep')} | "
+                   f"{cell(cache, full, 'macro_f1_no_ep')} | "
+                   f"{cell(cache, partial, 'accuracy_no_ep')} | "
+                   f"{cell(cache, partial, 'macro_f1_no_ep')} |")
     return "\n".join(out)
 
 

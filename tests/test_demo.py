@@ -83,7 +83,7 @@ def test_ablation_tables_format_mean_and_std():
              "1": {"base": {"accuracy_no_ep": 0.7, "macro_f1_no_ep": 0.6, "accuracy_ep": 0.9, "macro_f1_ep": 0.8}}}
     text = ablation.tables(cache)
     assert "| vanilla (L_van + L_EP) | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text
-    assert "| TSM | 0.900 ± 0.000 | 0.880 ± 0.000 |" in text and "n/a" in text
+    assert "| TSM | 0.900 ± 0.000 (n=1) | 0.880 ± 0.000 (n=1) |" in text and "n/a" in text
 
 
 @pytest.mark.slow
