@@ -10,7 +10,8 @@
 #   an unpinned torch pulls a multi-GB CUDA build even on a CPU machine.
 # - CPU: torch 2.13.0+cpu beside PyPI's torchvision 0.28.0, whose compiled ops
 #   need the CUDA build; a .pth hook declares the missing op schemas before
-#   torchvision is imported (see xtuner_vitask/_compat.py).
+#   torchvision is imported (see xtuner_vitask/_compat.py, which also explains
+#   the second hook, for mmengine's --resume under torch>=2.6).
 # - GPU: torch 2.14.1 + torchvision 0.29.1 bring triton 3.8, with which
 #   xtuner's pinned bitsandbytes 0.45.0 cannot import (triton.ops is gone);
 #   a newer bitsandbytes is installed after xtuner for QLoRA users.
@@ -40,10 +41,12 @@ if [ "$mode" = gpu ]; then
   $pip install $TORCH_GPU
 else
   $pip install $TORCH_CPU
-  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo 'import xtuner_vitask._compat as _m; _m.install_torchvision_cpu_fix()' \
-    > "$site/zz_xtuner_vitask_cpu_torchvision.pth"
 fi
+# Import hooks (xtuner_vitask/_compat.py): torchvision's op schemas on CPU torch, and full checkpoint
+# loads for mmengine processes (XTuner's --resume reads the checkpoint before any config is loaded).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f "$site/zz_xtuner_vitask_cpu_torchvision.pth"
+echo 'import xtuner_vitask._compat as _m; _m.install_import_hooks()' > "$site/zz_xtuner_vitask.pth"
 # torch is pinned above; pip must not replace it while resolving the rest.
 $pip install -e ".[test]" "$DEEPSPEED" $( [ "$mode" = gpu ] && echo $TORCH_GPU || echo $TORCH_CPU )
 if [ "$mode" = gpu ]; then
