@@ -126,7 +126,6 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     from ..export.folder import inspect_export, load_export_model, read_task_meta
     from ..hooks.cls_eval import predictions_to_labels
     from .generate import generate_records
-    from .prefix_rank import rank_records_shared_prefix
     from .ranking import candidate_responses, rank_records
 
     if mode not in MODES:
@@ -155,9 +154,9 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
         candidates = candidate_responses(meta, task=task, train_records=task_train)
         probs = None
         if mode == "rank":
-            ranker = rank_records_shared_prefix if shared_prefix else rank_records
-            scores = ranker(model, dataset, group, image_folder, candidates, use_ep=use_ep,
-                            batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip())
+            scores = rank_records(model, dataset, group, image_folder, candidates, use_ep=use_ep,
+                                  batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip(),
+                                  shared_prefix=shared_prefix)
             best = predictions_to_labels(scores, candidates, kind, n_cls)
             preds = [[int(b)] if kind != "multi-label" else np.flatnonzero(b).tolist() for b in best]
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]

@@ -8,7 +8,6 @@ for the C candidates, and only the candidates' few tokens run again: about one p
 short pass, against the prompt pass plus one pass per generated token of greedy decoding.
 """
 import torch
-from tqdm import tqdm
 
 from ..errors import VITaskError
 from .generate import image_tiles, prompt_ids
@@ -108,21 +107,3 @@ def rank_batch_shared_prefix(model, dataset, records, image_folder, candidates, 
     seq_of_row = target.nonzero()[:, 0]
     scores = torch.zeros(n_rec * n_cand, device=device).index_add_(0, seq_of_row, logp)
     return scores.view(n_rec, n_cand).cpu()
-
-
-def rank_records_shared_prefix(model, dataset, records, image_folder, candidates, use_ep=False, batch_size=8,
-                               exemplars=None, progress=True, desc="rank"):
-    """Scores (N, C) for all records, in batches, with a progress bar (as ``ranking.rank_records``)."""
-    if use_ep and not hasattr(model, "exemplar_tokens"):
-        raise VITaskError("EP evaluation needs a VITask model with its TSM and connector (this one has none)")
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, unit="batch"):
-            batch = records[start:start + batch_size]
-            ex = None if exemplars is None else exemplars[[r["id"] for r in batch]]
-            out.append(rank_batch_shared_prefix(model, dataset, batch, image_folder, candidates, use_ep, ex))
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, len(candidates))

@@ -31,7 +31,7 @@ def negative_partners(records, seed=0):
 def token_probabilities(model, dataset, records, image_records, image_folder, use_ep=False):
     """Per record: probabilities (T,) of its response tokens given the image of ``image_records[i]``."""
     from .generate import image_tiles
-    from .ranking import _image_token_str
+    from .ranking import _image_token_str, pad_sequences
 
     device = next(model.parameters()).device
     tiles, tsm_pixels, seqs = [], [], []
@@ -42,16 +42,7 @@ def token_probabilities(model, dataset, records, image_records, image_folder, us
             tsm_pixels.append(dataset.tsm_transform(image))
         seqs.append(dataset.get_inputid_labels([dict(turn) for turn in record["conversations"][:2]],
                                                _image_token_str(dataset, t.shape[0])))
-    width = max(len(s["input_ids"]) for s in seqs)
-    pad = dataset.tokenizer.pad_token_id or 0
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        n = len(s["input_ids"])
-        input_ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), True
-    input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
-    positions = torch.arange(width, device=device).expand(len(seqs), -1)
+    input_ids, labels, mask, positions = pad_sequences(seqs, dataset.tokenizer.pad_token_id or 0, device)
     embeds = model.embed_tokens(input_ids, model.encode_images(torch.cat(tiles).to(device)))
     if use_ep:
         from ..models.vitask import splice_tokens
