@@ -1,6 +1,9 @@
 """CPU-scale ablation of VITask (paper Table 2, Fig. 2, Fig. 5) on the tiny random-weight InternVL2.
 
-    python benchmarks/ablation.py --seeds 3            # ~30-35 min on 2 idle cores
+    python benchmarks/ablation.py --seeds 3            # 33 training runs; ~40 min measured on a 2-core
+                                                       # machine shared with other jobs
+    python benchmarks/ablation.py --seeds 3 --only-seed 1   # one seed (run seeds side by side), then
+    python benchmarks/ablation.py --seeds 3 --report-only   # the tables of everything cached
     python benchmarks/ablation.py --seeds 1 --quick    # smoke run
 
 Per seed: a generated MedMNIST-layout set (seeded), one TSM (reused by every row of that seed),
