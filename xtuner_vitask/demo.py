@@ -405,6 +405,8 @@ def write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_wo
     for key, report in reports.items():
         task = next(iter(report["tasks"].values()))
         m = task["metrics"]
+        if m.get("confusion_matrix") is None:  # multi-label sets have none
+            continue
         pngs.append(plot_confusion_matrix(m["confusion_matrix"], task["label_names"], str(out / f"confusion_{key}.png"),
                                           title=f"{ROW_NAMES[key]}, {tag}: acc {m['accuracy']:.3f}"))
     if tsm_metrics.get("confusion_matrix") is not None:
