@@ -21,7 +21,6 @@ Rows (VITask config unless noted; "+both" is the full method, EP_cls):
 """
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys

@@ -199,7 +199,7 @@ def vlm_options(model_dir, data_dir, epochs, seed=0, eval_batch_size=16):
     return [f"model.model_path={model_dir}", f"train_dataloader.dataset.model_path={model_dir}",
             f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}", f"train_cfg.max_epochs={epochs}",
             f"randomness.seed={seed}", "model.llm=None",
-            f"default_hooks.checkpoint.interval=100000", f"custom_hooks.{{hook}}.batch_size={eval_batch_size}"]
+            "default_hooks.checkpoint.interval=100000", f"custom_hooks.{{hook}}.batch_size={eval_batch_size}"]
 
 
 def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, extra=()):

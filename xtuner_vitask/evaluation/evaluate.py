@@ -21,21 +21,13 @@ MODES = ("rank", "generate")
 
 
 def read_records(data_path, max_samples=None):
-    if not os.path.isfile(data_path):
-        raise VITaskError(f"data file {data_path} does not exist: pass a test.jsonl written by data_tools")
-    records = []
-    with open(data_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise VITaskError(f"{data_path} line {n} is not JSON: pass a JSONL written by data_tools") from None
-            if "label" not in record or "image" not in record:
-                raise VITaskError(f"{data_path} line {n} has no 'label'/'image': evaluation needs labelled images "
-                                  "(convert the data with data_tools)")
-            records.append(record)
+    from ..datasets.classification import read_jsonl
+
+    records = read_jsonl(data_path)
+    for n, record in enumerate(records, 1):
+        if "label" not in record or "image" not in record:
+            raise VITaskError(f"{data_path} record {n} has no 'label'/'image': evaluation needs labelled images "
+                              "(convert the data with data_tools)")
     if not records:
         raise VITaskError(f"{data_path} has no records")
     return records[:max_samples] if max_samples else records

@@ -52,6 +52,7 @@ class VITaskEvalHook(Hook):
         self.best_score, self.best_path = -1.0, None
 
     def before_train(self, runner):
+        from ..datasets.classification import read_jsonl
         from ..evaluation.ranking import candidate_responses
 
         dataset = runner.train_dataloader.dataset
@@ -62,8 +63,7 @@ class VITaskEvalHook(Hook):
         meta_path = osp.join(osp.dirname(osp.abspath(self.data_file)), "meta.json")
         with open(meta_path) as f:
             self.meta = json.load(f)
-        with open(self.data_file) as f:
-            self.records = [json.loads(line) for line in f if line.strip()][: self.max_samples]
+        self.records = read_jsonl(self.data_file)[: self.max_samples]
         self.candidates = candidate_responses(self.meta, train_records=dataset.data)
         self.image_folder = osp.dirname(osp.abspath(self.data_file))
 

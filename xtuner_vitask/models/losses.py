@@ -6,7 +6,6 @@ predicts it, and ``targets`` (T,) with the token ids. ``response_rows`` cuts
 them out of (B, L, V) model outputs. Every loss is a mean over response tokens,
 as XTuner's instruction tuning averages its cross-entropy.
 """
-import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100

@@ -10,7 +10,6 @@ import os
 from collections import OrderedDict
 
 import torch
-from mmengine import print_log
 from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import VITaskError
