@@ -7,7 +7,7 @@ from xtuner_vitask.errors import VITaskError
 
 
 def add_arguments(parser):
-    parser.add_argument("--tsm", required=True, help="TSM checkpoint (.pth saved by `xtuner train`)")
+    parser.add_argument("--tsm", required=True, help="TSM checkpoint (.pth saved by `xtuner train`; a quoted glob picks the newest match)")
     parser.add_argument("--config", default=None,
                         help="the TSM's training config (default: the config stored in the checkpoint)")
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
@@ -24,10 +24,10 @@ def run(args) -> int:
     import torch
 
     from xtuner_vitask.models.exemplar_cache import build_exemplar_cache
-    from xtuner_vitask.models.tsm import check_tsm_matches_meta, load_tsm
+    from xtuner_vitask.models.tsm import check_tsm_matches_meta, load_tsm, resolve_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tsm = load_tsm(args.tsm, config=args.config, device=device)
+    tsm = load_tsm(resolve_checkpoint(args.tsm), config=args.config, device=device)
     for src in args.data:  # a TSM of another data set would give meaningless exemplars
         folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
         meta = os.path.join(folder, "meta.json")

@@ -54,8 +54,7 @@ class VITaskDataset(InternVL2Dataset):
         self._check_labels(data_paths)
         self.tsm_transform = None
         if tsm_checkpoint is not None:
-            from ..models.tsm import read_tsm_identity
-            from ..models.vitask import resolve_checkpoint
+            from ..models.tsm import read_tsm_identity, resolve_checkpoint
 
             tsm_checkpoint = resolve_checkpoint(tsm_checkpoint)
             identity = read_tsm_identity(tsm_checkpoint)

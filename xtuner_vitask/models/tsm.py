@@ -20,6 +20,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import glob
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -462,6 +463,19 @@ def _resolve_type(type_):
     if hasattr(type_, "build") and not isinstance(type_, type):  # mmengine LazyObject
         return type_.build()
     return type_
+
+
+def resolve_checkpoint(pattern):
+    """A checkpoint path, or the newest file matching a glob such as 'work_dirs/tsm/best_*.pth'."""
+    if os.path.isfile(pattern) or not glob.has_magic(str(pattern)):
+        if not os.path.isfile(pattern):
+            raise VITaskError(f"TSM checkpoint {pattern} does not exist: train it first "
+                              "(xtuner train configs/tsm_vit_base_<set>.py) or fix model.tsm.checkpoint")
+        return pattern
+    matches = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not matches:
+        raise VITaskError(f"no TSM checkpoint matches {pattern}: train the TSM first or fix model.tsm.checkpoint")
+    return matches[-1]
 
 
 def load_tsm(checkpoint: str, config=None, map_location: str = "cpu", device: str | None = None) -> TaskSpecificModel:

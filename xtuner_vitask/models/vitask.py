@@ -5,8 +5,6 @@ This is the only place that knows the stage. Stage 1 trains the LLM (LoRA) and
 the exemplar connector on L_van + L_EP + alpha L_RDA; stage 2 (switched by
 ``VITaskStageHook``) freezes the connector and adds beta L_CRT.
 """
-import glob
-import os
 from collections import OrderedDict
 
 import torch
@@ -18,19 +16,6 @@ from .connector import ExemplarConnector
 from .internvl import InternVL2
 
 EP_MODES = ("cls", "all", "rep")
-
-
-def resolve_checkpoint(pattern):
-    """A checkpoint path, or the newest file matching a glob such as 'work_dirs/tsm/best_*.pth'."""
-    if os.path.isfile(pattern) or not glob.has_magic(str(pattern)):
-        if not os.path.isfile(pattern):
-            raise VITaskError(f"TSM checkpoint {pattern} does not exist: train it first "
-                              "(xtuner train configs/tsm_vit_base_<set>.py) or fix model.tsm.checkpoint")
-        return pattern
-    matches = sorted(glob.glob(pattern), key=os.path.getmtime)
-    if not matches:
-        raise VITaskError(f"no TSM checkpoint matches {pattern}: train the TSM first or fix model.tsm.checkpoint")
-    return matches[-1]
 
 
 def splice_tokens(embeds, attention_mask, labels, spans, tokens):
@@ -86,7 +71,7 @@ class VITaskInternVL(InternVL2):
 
         self.tsm = None
         if tsm is not None:
-            from .tsm import check_tsm_matches_meta, load_tsm
+            from .tsm import check_tsm_matches_meta, load_tsm, resolve_checkpoint
 
             tsm = dict(tsm)
             meta = tsm.pop("meta", None)
