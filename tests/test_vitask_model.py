@@ -159,3 +159,18 @@ def test_collate_encodes_a_negative_drawn_twice_once(tiny_model, derma_data):
     assert index[0] == index[1] >= len(items) and index[2] >= len(items)
     assert len(data["neg_pixel_values"]) == len({item["neg_id"] for item in items})
     assert torch.equal(data["neg_pixel_values"][index[2] - len(items)], items[2]["neg_pixel_values"][0])
+
+
+def test_checkpoint_globs_pick_the_newest_match(tmp_path):
+    import os
+
+    from xtuner_vitask.models.tsm import resolve_checkpoint
+
+    old, new = tmp_path / "best_macro_f1_epoch_2.pth", tmp_path / "best_macro_f1_epoch_7.pth"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (1, 1))
+    assert resolve_checkpoint(str(tmp_path / "best_*.pth")) == str(new)
+    assert resolve_checkpoint(str(old)) == str(old)
+    with pytest.raises(VITaskError, match="no TSM checkpoint matches"):
+        resolve_checkpoint(str(tmp_path / "last_*.pth"))
