@@ -75,9 +75,9 @@ class VITaskDataset(InternVL2Dataset):
             self.tsm_transform = None  # the cache replaces the TSM's input
         if self.tsm_transform is None and self.exemplars is None:
             raise VITaskError("VITaskDataset needs tsm_img_size=... (TSM in the loop) or exemplar_cache=... (cached)")
-        self.seed = seed
-        self._index_negatives() if negatives else None
-        self.negatives = negatives
+        self.seed, self.negatives = seed, negatives
+        if negatives:
+            self._index_negatives()
 
     # ---- checks and indexing -------------------------------------------------------------
     def _check_labels(self, data_paths):
