@@ -1,7 +1,7 @@
 """External image folder + CSV (image,label) -> the same instruction data, labels of an existing meta.json.
 
 Thin wrapper: the logic is in ``xtuner_vitask.data``; run ``--help`` for options.
-Same as ``xtuner-vitask convert-external`` where the console script wires it.
+Same as ``xtuner-vitask convert-external``.
 """
 import os
 import sys

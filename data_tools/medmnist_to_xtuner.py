@@ -1,7 +1,7 @@
 """MedMNIST 2D npz -> XTuner InternVL instruction data (images, JSONL, meta.json).
 
 Thin wrapper: the logic is in ``xtuner_vitask.data``; run ``--help`` for options.
-Same as ``xtuner-vitask convert-medmnist`` where the console script wires it.
+Same as ``xtuner-vitask convert-medmnist``.
 """
 import os
 import sys

@@ -1,7 +1,7 @@
 """Merge converted sets into one multi-task training set with a joint label space.
 
 Thin wrapper: the logic is in ``xtuner_vitask.data``; run ``--help`` for options.
-Same as ``xtuner-vitask merge-sets`` where the console script wires it.
+Same as ``xtuner-vitask merge-sets``.
 """
 import os
 import sys

@@ -46,7 +46,6 @@ def test_vitask_runs_both_stages_and_logs_every_term(vitask_run):
     assert "VITaskEvalHook iter 24" in log and "macro_f1_ep=" in log
     state = torch.load(work / "iter_24.pth", map_location="cpu", weights_only=False)["state_dict"]
     assert any(k.startswith("connector.") for k in state) and not any(k.startswith("tsm.") for k in state)
-    # stage 2 froze the connector: its weights at the end equal those at the switch... checked via resume below
 
 
 def test_resume_in_stage2_reproduces_the_uninterrupted_losses(vitask_run, tmp_path, tiny_model, derma_data, tiny_tsm):

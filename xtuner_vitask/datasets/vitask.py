@@ -14,16 +14,6 @@ from ..errors import VITaskError
 from .internvl import InternVL2Dataset
 
 
-def tsm_preprocessing(tsm_config):
-    """(img_size, mean, std) of the TSM model in a TSM training config file."""
-    from mmengine.config import Config
-
-    if not os.path.isfile(tsm_config):
-        raise VITaskError(f"TSM config {tsm_config} does not exist: pass the config the TSM was trained with")
-    model = Config.fromfile(tsm_config).model
-    return model.get("img_size", 224), tuple(model.get("mean", (0.5,) * 3)), tuple(model.get("std", (0.5,) * 3))
-
-
 def _human_and_gpt(record):
     turns = record["conversations"]
     human = next(t["value"] for t in turns if t["from"] == "human")
@@ -37,8 +27,8 @@ class VITaskDataset(InternVL2Dataset):
     Args (beyond ``InternVL2Dataset``; images are one tile each by default, as CRT
     pairs an image's tokens with another image's in the same sequence):
         tsm_checkpoint: the TSM checkpoint (a glob picks the newest match); the img_size/mean/std
-            it records give the TSM's input preprocessing, exactly as it was trained. Or pass
-            tsm_config (its training config) or tsm_img_size/tsm_mean/tsm_std directly.
+            it records give the TSM's input preprocessing, exactly as it was trained (cfg-options
+            included). Or pass tsm_img_size/tsm_mean/tsm_std directly.
         exemplar_cache: a file from ``xtuner-vitask cache-exemplars``; then samples carry
             their exemplar and the TSM never runs. ``exemplar_kind`` ('cls'|'all') and
             ``tsm_checkpoint`` (checked against the cache's checksum) guard against stale caches.
@@ -46,7 +36,7 @@ class VITaskDataset(InternVL2Dataset):
         seed: the negatives' seed.
     """
 
-    def __init__(self, model_path, data_paths, image_folders=None, *, tsm_config=None, tsm_img_size=None,
+    def __init__(self, model_path, data_paths, image_folders=None, *, tsm_img_size=None,
                  tsm_mean=(0.5, 0.5, 0.5), tsm_std=(0.5, 0.5, 0.5), exemplar_cache=None, exemplar_kind="cls",
                  tsm_checkpoint=None, negatives=True, seed=0, dynamic_image_size=False, **kwargs):
         super().__init__(model_path, data_paths, image_folders, dynamic_image_size=dynamic_image_size, **kwargs)
@@ -59,8 +49,6 @@ class VITaskDataset(InternVL2Dataset):
             tsm_checkpoint = resolve_checkpoint(tsm_checkpoint)
             identity = read_tsm_identity(tsm_checkpoint)
             tsm_img_size, tsm_mean, tsm_std = identity["img_size"], identity["mean"], identity["std"]
-        elif tsm_config is not None:
-            tsm_img_size, tsm_mean, tsm_std = tsm_preprocessing(tsm_config)
         if tsm_img_size is not None:
             from .classification import build_tsm_transform
 
@@ -135,6 +123,11 @@ class VITaskDataset(InternVL2Dataset):
     def _image(self, index):
         return self.get_image(os.path.join(self.image_folder[index], self.data[index]["image"]))
 
+    def get_image(self, path):
+        # XTuner's prepare_data decodes the sample's image; keep it so the TSM input needs no second decode
+        self._last_image = super().get_image(path)
+        return self._last_image
+
     def prepare_data(self, index):
         item = super().prepare_data(index)
         if item is None:
@@ -145,7 +138,7 @@ class VITaskDataset(InternVL2Dataset):
         if self.exemplars is not None:
             item["exemplar"] = self.exemplars[[self.ids[index]]][0]
         else:
-            item["tsm_pixel_values"] = self.tsm_transform(self._image(index))
+            item["tsm_pixel_values"] = self.tsm_transform(self._last_image)
         if self.negatives:
             neg = self.negative_index(index)
             item["instruction_key"] = self.instruction_key[index]

@@ -78,9 +78,7 @@ def rank_batch_shared_prefix(model, dataset, records, image_folder, candidates, 
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
 
     lm = model.model.language_model
-    causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
-    head = causal_lm.get_output_embeddings()
+    decoder, head = model.decoder_and_head()
     out = decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions, use_cache=True,
                   return_dict=True)
     n_rec, n_cand = len(records), len(candidates)

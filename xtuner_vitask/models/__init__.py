@@ -7,7 +7,9 @@ import importlib
 
 from .._compat import allow_training_state_loads
 
-allow_training_state_loads()  # configs import this package before the runner resumes
+# install.sh's import hook already did this when mmengine loaded; without it (a plain pip install) this still
+# covers mmengine's own resume, which runs after the model is built (not XTuner's earlier seed read).
+allow_training_state_loads()
 
 _EXPORTS = {
     "InternVL2": ".internvl", "VITaskInternVL": ".vitask", "ExemplarConnector": ".connector",

@@ -157,13 +157,19 @@ class InternVL2(InternVL_V1_5):
         The LM head runs on response rows only: the full (B, L, V) logits of a
         92k-token vocabulary would dominate memory and time for short answers.
         """
-        lm = self.model.language_model
-        causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through peft
-        decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+        decoder, head = self.decoder_and_head()
         hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, return_dict=True).last_hidden_state
         rows, targets = losses.response_rows(hidden, labels)
-        return causal_lm.get_output_embeddings()(rows), targets
+        return head(rows), targets
+
+    def decoder_and_head(self):
+        """The LLM's decoder body and its LM head, through peft's wrapper (InternLM2's remote code has no
+        ``get_decoder``; its body is ``.model``)."""
+        lm = self.model.language_model
+        causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+        return decoder, causal_lm.get_output_embeddings()
 
     # ---- export (xtuner convert pth_to_hf) ----------------------------------------------------
     @property

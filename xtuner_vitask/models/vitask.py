@@ -175,10 +175,11 @@ class VITaskInternVL(InternVL2):
         if mode != "loss":
             raise NotImplementedError("VITaskInternVL supports mode='loss' only (use VITaskEvalHook / xtuner-vitask eval)")
         terms = self.compute_losses(data)
-        for name, value in terms.items():
-            if not torch.isfinite(value.detach()):
-                raise VITaskError(f"non-finite {name}={value.item()} in the batch with samples "
-                                  f"{data.get('ids', '?')}: lower the learning rate or check these samples")
+        values = torch.stack([value.detach() for value in terms.values()])
+        if not torch.isfinite(values).all():  # one host sync per step, not one per term
+            name, value = next((n, v) for n, v in terms.items() if not torch.isfinite(v))
+            raise VITaskError(f"non-finite {name}={value.item()} in the batch with samples "
+                              f"{data.get('ids', '?')}: lower the learning rate or check these samples")
         return terms
 
     def parse_losses(self, losses_dict):
@@ -190,7 +191,7 @@ class VITaskInternVL(InternVL2):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
-        """LoRA + mlp1 (XTuner's choice) + the connector; never the frozen towers or the TSM."""
+        """The wrapper's trained tensors (LoRA, mlp1 if trained) + the connector; never the frozen towers or the TSM."""
         to_return = super().state_dict(*args, **kwargs)
         to_return.update((k, v) for k, v in torch.nn.Module.state_dict(self.connector, prefix="connector.").items())
         return to_return
