@@ -259,12 +259,13 @@ def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False,
     return out_dir
 
 
-def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16, progress=True):
-    """Rank evaluation of an export on ``split`` (report written to ``out_dir``); returns the report."""
+def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16, progress=True, model=None):
+    """Rank evaluation of an export on ``split`` (report written to ``out_dir``); returns the report.
+    ``model``: an already loaded export to reuse (the EP wrapper also ranks without EP)."""
     from .evaluation.evaluate import evaluate_export, write_report
 
     report = evaluate_export(str(export_dir), str(Path(data_dir) / f"{split}.jsonl"), use_ep=use_ep, mode="rank",
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, model=model)
     write_report(report, str(out_dir))
     return report
 
@@ -365,11 +366,14 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
 
     step("evaluate on the test split (likelihood ranking of the label names)")
     evals = out / "eval"
+    from .export.folder import inspect_export, load_export_model
+
+    vitask_model = load_export_model(inspect_export(str(vitask_hf), need_ep=True), use_ep=True)  # loaded once
     reports = {"vanilla": evaluate(vanilla_hf, data_dir, False, evals / "vanilla", batch_size=settings.eval_batch_size),
                "vitask_no_ep": evaluate(vitask_hf, data_dir, False, evals / "vitask_no_ep",
-                                        batch_size=settings.eval_batch_size),
+                                        batch_size=settings.eval_batch_size, model=vitask_model),
                "vitask_ep": evaluate(vitask_hf, data_dir, True, evals / "vitask_ep",
-                                     batch_size=settings.eval_batch_size)}
+                                     batch_size=settings.eval_batch_size, model=vitask_model)}
     tsm_metrics = tsm_test_metrics(tsm_ckpt, data_dir)
     rows = [{"model": key, "accuracy": float(r["accuracy"]), "macro_f1": float(r["macro_f1"])}
             for key, r in reports.items()]
