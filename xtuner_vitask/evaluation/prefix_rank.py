@@ -11,6 +11,7 @@ import torch
 
 from ..errors import VITaskError
 from .generate import image_tiles, prompt_ids
+from .kv_cache import repeat_kv_cache
 
 
 def candidate_tokens(dataset, record, candidates, n_tiles):
@@ -82,8 +83,7 @@ def rank_batch_shared_prefix(model, dataset, records, image_folder, candidates, 
     out = decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions, use_cache=True,
                   return_dict=True)
     n_rec, n_cand = len(records), len(candidates)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n_cand)
+    cache = repeat_kv_cache(out.past_key_values, n_cand)  # legacy tuples (InternLM2) or a Cache (Qwen2, ...)
 
     # the candidates' tokens after every prompt
     cont_len = max(len(ids) for ids, _ in cands)
