@@ -27,6 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--no-streamer", action="store_true", help="print each answer when complete")
     parser.add_argument("--seed", type=int, default=0)
+    from ..models.attention import add_cli_argument
+
+    add_cli_argument(parser)
 
 
 def resolve_template(name, config_template):
@@ -69,21 +72,24 @@ def internvl_transform(size):
 class ChatSession:
     """A conversation about one image, prompts built like the training prompts (XTuner's format)."""
 
-    def __init__(self, model_dir, image_path, prompt_template=None, system=None, use_ep=None, max_tiles=1):
+    def __init__(self, model_dir, image_path, prompt_template=None, system=None, use_ep=None, max_tiles=1,
+                 attn_implementation="auto"):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from xtuner.dataset.internvl_dataset import dynamic_preprocess
 
         from ..datasets.internvl import InternVL2Dataset
         from ..export.folder import inspect_export
+        from ..models.attention import prepare_attention
         from ..models.internvl import resolve_dtype
 
         info = inspect_export(model_dir, need_ep=bool(use_ep))
         self.image = read_image(image_path)
         self.use_ep = info.has_ep if use_ep is None else use_ep
         self.has_ep = info.has_ep
-        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=True,
-                                               torch_dtype=resolve_dtype("auto")).eval()
+        config, _, attention_kwargs = prepare_attention(model_dir, attn_implementation)
+        self.model = AutoModel.from_pretrained(model_dir, config=config, trust_remote_code=True,
+                                               torch_dtype=resolve_dtype("auto"), **attention_kwargs).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.template = resolve_template(prompt_template, info.config.get("template"))
         self.system = system if system is not None else self.template.get("DEFAULT_SYSTEM", "")
@@ -156,7 +162,8 @@ def run(args):
     from transformers import TextStreamer
 
     torch.manual_seed(args.seed)
-    session = ChatSession(args.model_dir, args.image, args.prompt_template, args.system, args.use_ep, args.max_tiles)
+    session = ChatSession(args.model_dir, args.image, args.prompt_template, args.system, args.use_ep, args.max_tiles,
+                          args.attn_implementation)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                repetition_penalty=args.repetition_penalty)
     if args.prompt is not None:

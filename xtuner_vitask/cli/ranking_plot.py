@@ -15,6 +15,9 @@ def add_arguments(parser):
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the negative-image draw")
     parser.add_argument("--title", default=None)
+    from ..models.attention import add_cli_argument
+
+    add_cli_argument(parser)
 
 
 def run(args):
@@ -26,7 +29,7 @@ def run(args):
     use_ep = info.has_ep if args.use_ep is None else args.use_ep
     read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(args.data)), "meta.json"))
     records = read_records(args.data, args.max_samples)
-    model = load_export_model(info, use_ep=use_ep)
+    model = load_export_model(info, use_ep=use_ep, attn_implementation=args.attn_implementation)
     dataset = _load_dataset(info, args.data, use_ep)
     pos, neg = response_ranking(model, dataset, records, os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
                                 batch_size=args.batch_size, seed=args.seed)

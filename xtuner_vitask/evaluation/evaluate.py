@@ -107,7 +107,7 @@ def _load_dataset(info, data_path, use_ep):
 
 
 def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8, max_samples=None,
-                    max_new_tokens=None, progress=True, model=None, shared_prefix=True):
+                    max_new_tokens=None, progress=True, model=None, shared_prefix=True, attn_implementation="auto"):
     """Score ``model_dir`` (an export folder) on ``data_path``; returns the report dict.
 
     ``use_ep`` None = EP when the export has a TSM. ``model``: an already loaded wrapper to reuse
@@ -131,7 +131,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     if missing:
         raise VITaskError(f"image {missing} of {data_path} does not exist under {image_folder}: keep the images "
                           "beside the JSONL as data_tools writes them")
-    model = model or load_export_model(info, use_ep=use_ep)
+    model = model or load_export_model(info, use_ep=use_ep, attn_implementation=attn_implementation)
     dataset = _load_dataset(info, data_path, use_ep)
     train_records = _train_records(data_path) if meta.get("task_type") in ("multi-label", "multi-task") else []
 
