@@ -217,3 +217,19 @@ def test_shared_prefix_ranking_gives_the_full_sequence_scores(exports, test_json
     shared = rank_batch_shared_prefix(model, dataset, records, folder, candidates, use_ep=use_ep)
     assert full.shape == shared.shape == (5, 7)
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_generate_with_ep_and_rank_without_ep_on_internlm2(exports, test_jsonl, tmp_path):
+    """The two remaining eval combinations, with the attention flag: InternLM2 has no SDPA."""
+    from xtuner_vitask.cli import eval as eval_cli
+
+    for mode, flag in (("generate", "--ep"), ("rank", "--no-ep")):
+        out = tmp_path / f"{mode}{flag}"
+        args = cli_args(eval_cli, exports["ep"], "--data", test_jsonl, "--mode", mode, flag, "--out", out,
+                        "--max-samples", 8, "--no-progress", "--attn-implementation", "eager")
+        assert eval_cli.run(args) == 0
+        report = _check_report(out, 8)
+        assert report["use_ep"] == (flag == "--ep") and report["mode"] == mode
+    with pytest.raises(VITaskError, match="InternLM2ForCausalLM .* does not support it"):
+        eval_cli.run(cli_args(eval_cli, exports["plain"], "--data", test_jsonl, "--attn-implementation", "sdpa"))
