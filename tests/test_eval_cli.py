@@ -64,7 +64,7 @@ def test_multi_label_metrics_match_sklearn_and_unparsable_counts_as_wrong():
 
 
 def test_generate_answers_parse_by_the_data_tools_formats():
-    from xtuner_vitask.data.medmnist import parse_response
+    from xtuner_vitask.formats import parse_response
 
     names = ["melanoma", "melanocytic nevi", "vascular lesions"]
     assert parse_response("multi-class", names, "Melanocytic nevi.") == [1]

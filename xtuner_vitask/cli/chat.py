@@ -45,15 +45,9 @@ def resolve_template(name, config_template):
 
 
 def read_image(path):
-    from PIL import Image, UnidentifiedImageError
+    from ..data.images import read_image as read_8bit_rgb  # 16-bit/float images rescaled as in training
 
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise VITaskError(f"image {path} does not exist: pass an image file with --image") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise VITaskError(f"cannot read image {path} ({type(err).__name__}): pass a PNG or JPEG file") from None
+    return read_8bit_rgb(path, "RGB")
 
 
 def internvl_transform(size):

@@ -15,14 +15,13 @@ import time
 import numpy as np
 import torch
 
+from ..contract import MULTI_LABEL, MULTI_TASK, meta_beside, read_jsonl
 from ..errors import VITaskError
 
 MODES = ("rank", "generate")
 
 
 def read_records(data_path, max_samples=None):
-    from ..datasets.classification import read_jsonl
-
     records = read_jsonl(data_path)
     for n, record in enumerate(records, 1):
         if "label" not in record or "image" not in record:
@@ -35,7 +34,7 @@ def read_records(data_path, max_samples=None):
 
 def _task_groups(records, meta):
     """{task name or None: (task meta, records)} -- one group unless the data is a merged multi-task set."""
-    if meta.get("task_type") != "multi-task":
+    if meta.get("task_type") != MULTI_TASK:
         return {None: (meta, records)}
     groups = {}
     for record in records:
@@ -54,7 +53,7 @@ def _train_records(data_path):
 
 
 def _label_array(labels, task_type, n):
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([lab[0] if lab else -1 for lab in labels])
     out = np.zeros((len(labels), n), dtype=int)
     for row, lab in enumerate(labels):
@@ -64,7 +63,7 @@ def _label_array(labels, task_type, n):
 
 def _scored_as_wrong(truth, task_type, n):
     """The prediction an unparsable answer is scored with: no class (single-label), all labels flipped (multi)."""
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return [-1]
     return [c for c in range(n) if c not in truth]
 
@@ -114,7 +113,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     (benchmarks evaluate one model twice). ``shared_prefix``: rank with the prompt computed once
     (:mod:`.prefix_rank`, same scores) instead of one full sequence per candidate (:mod:`.ranking`).
     """
-    from ..data.medmnist import parse_response
+    from ..formats import parse_response
     from ..export.folder import inspect_export, load_export_model, read_task_meta
     from ..hooks.cls_eval import predictions_to_labels
     from .generate import generate_records
@@ -124,7 +123,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
         raise VITaskError(f"--mode {mode}: use one of {', '.join(MODES)}")
     info = inspect_export(model_dir, need_ep=bool(use_ep))
     use_ep = info.has_ep if use_ep is None else bool(use_ep)
-    meta = read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(data_path)), "meta.json"))
+    meta = read_task_meta(info, meta_beside(data_path))
     records = read_records(data_path, max_samples)
     image_folder = os.path.dirname(os.path.abspath(data_path))
     missing = next((r["image"] for r in records if not os.path.isfile(os.path.join(image_folder, r["image"]))), None)
@@ -133,7 +132,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
                           "beside the JSONL as data_tools writes them")
     model = model or load_export_model(info, use_ep=use_ep)
     dataset = _load_dataset(info, data_path, use_ep)
-    train_records = _train_records(data_path) if meta.get("task_type") in ("multi-label", "multi-task") else []
+    train_records = _train_records(data_path) if meta.get("task_type") in (MULTI_LABEL, MULTI_TASK) else []
 
     report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
                   rank_impl=("shared-prefix" if shared_prefix else "full-sequence") if mode == "rank" else None,
@@ -150,9 +149,9 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
                                   batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip(),
                                   shared_prefix=shared_prefix)
             best = predictions_to_labels(scores, candidates, kind, n_cls)
-            preds = [[int(b)] if kind != "multi-label" else np.flatnonzero(b).tolist() for b in best]
+            preds = [[int(b)] if kind != MULTI_LABEL else np.flatnonzero(b).tolist() for b in best]
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]
-            if kind != "multi-label":  # one candidate per class, in class order
+            if kind != MULTI_LABEL:  # one candidate per class, in class order
                 probs = torch.softmax(scores.float(), dim=1).numpy()
         else:
             if max_new_tokens is None:

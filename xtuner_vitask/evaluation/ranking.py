@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.medmnist import format_response
+from ..contract import MULTI_LABEL
 from ..errors import VITaskError
+from ..formats import format_response
 
 
 def candidate_responses(meta, task=None, train_records=None):
@@ -22,7 +23,7 @@ def candidate_responses(meta, task=None, train_records=None):
     """
     task_meta = meta.get("tasks", {}).get(task, meta)
     names, kind = task_meta["label_names"], task_meta["task_type"]
-    if kind != "multi-label":
+    if kind != MULTI_LABEL:
         return [(format_response(kind, names, [c]), [c]) for c in range(len(names))]
     combos = {(): None, **{(c,): None for c in range(len(names))}}
     for record in train_records or ():

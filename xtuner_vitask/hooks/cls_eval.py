@@ -1,5 +1,4 @@
 """VITaskEvalHook: classification accuracy and macro-F1 on the val split during training."""
-import json
 import os
 import os.path as osp
 
@@ -9,13 +8,14 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from ..contract import MULTI_LABEL, load_meta, meta_beside, read_jsonl
 from ..errors import VITaskError
 
 
 def predictions_to_labels(scores, candidates, task_type, num_classes):
     """Best candidate per row -> class index (single-label) or multi-hot row (multi-label)."""
     best = scores.argmax(1).tolist()
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([candidates[b][1][0] for b in best])
     out = np.zeros((len(best), num_classes), dtype=int)
     for row, b in enumerate(best):
@@ -24,7 +24,7 @@ def predictions_to_labels(scores, candidates, task_type, num_classes):
 
 
 def true_labels(records, task_type, num_classes):
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([r["label"][0] for r in records])
     out = np.zeros((len(records), num_classes), dtype=int)
     for row, r in enumerate(records):
@@ -52,7 +52,6 @@ class VITaskEvalHook(Hook):
         self.best_score, self.best_path = -1.0, None
 
     def before_train(self, runner):
-        from ..datasets.classification import read_jsonl
         from ..evaluation.ranking import candidate_responses
 
         dataset = runner.train_dataloader.dataset
@@ -60,9 +59,7 @@ class VITaskEvalHook(Hook):
         self.data_file = self.data_file or osp.join(osp.dirname(osp.abspath(train_file)), "val.jsonl")
         if not osp.isfile(self.data_file):
             raise VITaskError(f"VITaskEvalHook: val data {self.data_file} does not exist: set data_file=...")
-        meta_path = osp.join(osp.dirname(osp.abspath(self.data_file)), "meta.json")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = load_meta(meta_beside(self.data_file)).raw
         self.records = read_jsonl(self.data_file)[: self.max_samples]
         self.candidates = candidate_responses(self.meta, train_records=dataset.data)
         self.image_folder = osp.dirname(osp.abspath(self.data_file))
