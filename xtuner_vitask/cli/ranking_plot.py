@@ -43,8 +43,10 @@ def run(args):
     numbers = dict(positive=pos.tolist(), negative=neg.tolist(), use_ep=use_ep, n_pairs=len(pos),
                    positive_mean=float(pos.mean()), negative_mean=float(neg.mean()),
                    ranked_correctly=float((pos > neg).mean()))
-    with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
+    path = os.path.splitext(args.out)[0] + ".json"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # never a half-written file under the real name
         json.dump(numbers, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"{len(pos)} pairs: mean response probability {pos.mean():.4f} (positive) vs {neg.mean():.4f} (negative); "
           f"positive > negative for {100 * numbers['ranked_correctly']:.1f}% of pairs; wrote {args.out}")
     return 0
