@@ -22,7 +22,6 @@ def add_arguments(parser):
                         help="output folder for eval.json and confusion_matrix.png "
                              "(default: eval_results/<model>/<data>_<mode>_<ep|no-ep>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="also print the model loading log (the model tree)")
 
 
 # ---- argument checks shared by eval, chat and ranking-plot: before anything loads --------------------------------

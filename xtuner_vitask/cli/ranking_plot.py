@@ -17,7 +17,6 @@ def add_arguments(parser):
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the negative-image draw")
     parser.add_argument("--title", default=None)
-    parser.add_argument("--verbose", action="store_true", help="also print the model loading log (the model tree)")
 
 
 def run(args):

@@ -18,11 +18,11 @@ import tempfile
 import numpy as np
 import torch
 
+from ..contract import MULTI_LABEL, MULTI_TASK, read_jsonl
 from ..errors import VITaskError
 from .inputs import check_image_file
 
 MODES = ("rank", "generate")
-MULTI_TASK = "multi-task"
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -45,7 +45,7 @@ def _check_label(record, where, task_meta):
     if bad:
         raise VITaskError(f"{where}: label {bad[0]} is outside 0..{len(names) - 1} ({len(names)} classes in "
                           f"meta.json): fix the record or evaluate with the meta.json it was converted with")
-    if kind != "multi-label" and len(label) != 1:
+    if kind != MULTI_LABEL and len(label) != 1:
         raise VITaskError(f"{where}: a {kind} record needs exactly one label, got {label}: fix the record")
 
 
@@ -56,8 +56,6 @@ def read_records(data_path, meta, max_samples=None, check_images=True):
     task's range, and (merged sets) a ``task`` of the meta.json. Raises one VITaskError naming the
     record and the fix.
     """
-    from ..datasets.classification import read_jsonl
-
     if max_samples is not None and int(max_samples) < 1:
         raise VITaskError(f"max_samples={max_samples}: use a positive number (or None for every record)")
     if os.path.isdir(data_path):
@@ -101,11 +99,9 @@ def task_groups(records, meta):
 
 def train_records_beside(data_path, meta):
     """train.jsonl beside an eval file (multi-label candidates: the label combinations seen in training)."""
-    from ..datasets.classification import read_jsonl
-
     kinds = {t["task_type"] for t in task_metas(meta).values()}
     path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "train.jsonl")
-    return read_jsonl(path) if "multi-label" in kinds and os.path.isfile(path) else []
+    return read_jsonl(path) if MULTI_LABEL in kinds and os.path.isfile(path) else []
 
 
 # -------------------------------------------------------------------------------- distribution
@@ -155,7 +151,7 @@ def _run_shard(fn, records, distributed):
 
 # ------------------------------------------------------------------------------------ metrics
 def _label_array(labels, task_type, n):
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([lab[0] if lab else -1 for lab in labels])
     out = np.zeros((len(labels), n), dtype=int)
     for row, lab in enumerate(labels):
@@ -165,7 +161,7 @@ def _label_array(labels, task_type, n):
 
 def _scored_as_wrong(truth, task_type, n):
     """The prediction an unparsable answer is scored with: no class (single-label), all labels flipped (multi)."""
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return [-1]
     return [c for c in range(n) if c not in truth]
 
@@ -212,7 +208,7 @@ def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank",
     ``tasks`` maps each task name (the data set's name for a single set) to task_type,
     label_names, n, unparsable, metrics (and metrics_parsable in generate mode).
     """
-    from ..data.medmnist import parse_response
+    from ..formats import parse_response
     from .generate import default_max_new_tokens, generate_records
     from .ranking import best_labels, candidate_responses, rank_records
 
@@ -233,7 +229,7 @@ def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank",
                 group, distributed))
             preds = best_labels(scores, candidates)
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]
-            if kind != "multi-label":  # one candidate per class, in class order
+            if kind != MULTI_LABEL:  # one candidate per class, in class order
                 probs = torch.softmax(scores.float(), dim=1).numpy()
         else:
             new_tokens = max_new_tokens or default_max_new_tokens(inputs, candidates)

@@ -17,35 +17,28 @@ from ..errors import VITaskError
 
 
 def read_image(path, hint="check the record's 'image' path"):
-    """The image at ``path`` as RGB; one VITaskError line (naming the file and ``hint``) when it cannot be."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path`` as 8-bit RGB (the project's one reader: 16-bit/float rescaled as in training);
+    one VITaskError line naming the file and ``hint`` when it cannot be read."""
+    from ..data.images import read_image as read_8bit
 
+    if os.path.isdir(path):
+        raise VITaskError(f"image {path} is a folder, not an image: {hint}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise VITaskError(f"image {path} does not exist: {hint}") from None
-    except IsADirectoryError:
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise VITaskError(f"cannot read image {path} ({type(err).__name__}: it is not a PNG/JPEG/TIFF image): "
-                          f"{hint}") from None
+        return read_8bit(path, "RGB")
+    except VITaskError as err:
+        raise VITaskError(f"{str(err).split(': check')[0]}: {hint}") from None
 
 
 def check_image_file(path, hint):
-    """Open the image header only (cheap): the error of :func:`read_image` up front, before a model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """The header check of :func:`read_image` (cheap), up front, before a model loads."""
+    from ..data.images import probe_image
 
+    if os.path.isdir(path):
+        raise VITaskError(f"image {path} is a folder, not an image: {hint}")
     try:
-        with Image.open(path):
-            return
-    except FileNotFoundError:
-        raise VITaskError(f"image {path} does not exist: {hint}") from None
-    except IsADirectoryError:
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise VITaskError(f"cannot read image {path} ({type(err).__name__}: it is not a PNG/JPEG/TIFF image): "
-                          f"{hint}") from None
+        probe_image(path)
+    except VITaskError as err:
+        raise VITaskError(f"{str(err).replace('image ', f'image {path} ', 1)}: {hint}") from None
 
 
 def human_turn(record):

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..contract import MULTI_LABEL
 from ..errors import VITaskError
+from ..formats import format_response
 from .inputs import human_turn
 
 STRATEGIES = ("shared-prefix", "full-sequence")
@@ -28,10 +30,8 @@ def candidate_responses(task_meta, train_records=None):
     Single-label tasks: one per class (its label name), in class order. Multi-label tasks: "no
     finding", each single finding, and every other combination seen in ``train_records``.
     """
-    from ..data.medmnist import format_response
-
     names, kind = task_meta["label_names"], task_meta["task_type"]
-    if kind != "multi-label":
+    if kind != MULTI_LABEL:
         return [(format_response(kind, names, [c]), [c]) for c in range(len(names))]
     combos = {(): None, **{(c,): None for c in range(len(names))}}
     for record in train_records or ():

@@ -26,6 +26,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from ..contract import MULTI_TASK
 from ..errors import VITaskError
 
 INFO_KEY = "vitask_eval"
@@ -78,7 +79,7 @@ class VITaskEvalHook(Hook):
 
     # ---- setup ---------------------------------------------------------------------------------
     def before_train(self, runner):
-        from ..datasets.classification import load_meta
+        from ..contract import load_meta
         from ..evaluation.evaluate import read_records, task_metas
         from ..evaluation.inputs import ModelInputs
 
@@ -91,7 +92,7 @@ class VITaskEvalHook(Hook):
             raise VITaskError(f"VITaskEvalHook: val data {self.data_file} does not exist: set data_file=... in the "
                               "hook's config (or convert the data with a val split)")
         self.image_folder = osp.dirname(osp.abspath(self.data_file))
-        self.meta = load_meta(osp.join(self.image_folder, "meta.json"))
+        self.meta = load_meta(osp.join(self.image_folder, "meta.json")).raw
         self.records = read_records(self.data_file, self.meta, self.max_samples)
         self.train_records = list(dataset.data)
         self.inputs = ModelInputs(dataset, tsm_transform=getattr(dataset, "tsm_transform", None))
@@ -157,7 +158,7 @@ class VITaskEvalHook(Hook):
                                    train_records=self.train_records, exemplars=self.exemplars if use_ep else None,
                                    progress=False, distributed=True)
             suffix = "ep" if use_ep else "no_ep"
-            if len(out["tasks"]) > 1 or self.meta.get("task_type") == "multi-task":
+            if len(out["tasks"]) > 1 or self.meta.get("task_type") == MULTI_TASK:
                 for task, rep in out["tasks"].items():
                     for key in ("accuracy", "macro_f1"):
                         results[f"{task}/{key}_{suffix}"] = rep["metrics"][key]
