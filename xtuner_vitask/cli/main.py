@@ -138,7 +138,7 @@ def main(argv=None):
                                               "is set (half the available CPUs, at most 8).")
     add_arguments(sub)
     sub.add_argument("--verbose", action="store_true",
-                     help="show third-party start-up messages and full tracebacks")
+                     help="show third-party start-up messages, the model loading log and full tracebacks")
     args = sub.parse_args(argv[1:])
     if name not in NO_TORCH:
         set_thread_default()
