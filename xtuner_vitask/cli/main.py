@@ -85,7 +85,9 @@ def quiet_banners() -> None:
     """Third-party start-up notices off in this process: DeepSpeed's accelerator lines ("Setting
     ds_accelerator to cpu", INFO and WARNING; DeepSpeed resets its logger's level when imported, a
     filter stays) and bitsandbytes' "compiled without GPU support" (a warning of its own logger)."""
-    logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed.filters):
+        deepspeed.addFilter(_ErrorsOnly())
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
