@@ -3,6 +3,7 @@ DynamicCache of transformers' Qwen2, Phi3 and Llama."""
 import pytest
 import torch
 
+from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.evaluation.kv_cache import cache_length, copy_kv_cache, repeat_kv_cache, select_kv_cache
 from xtuner_vitask.testing import build_tiny_internvl
 
@@ -53,7 +54,7 @@ def test_a_repeated_prompt_cache_continues_like_the_full_sequences(llms, llm):
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(TypeError, match="tuple of \\(key, value\\)"):
+    with pytest.raises(VITaskError, match="tuple of \\(key, value\\) per layer: rank with strategy='full-sequence'"):
         repeat_kv_cache([torch.zeros(1)], 2)
     with pytest.raises(ValueError, match="at least 1"):
         repeat_kv_cache(((torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)),), 0)

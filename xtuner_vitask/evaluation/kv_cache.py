@@ -11,6 +11,8 @@ import copy
 
 import torch
 
+from ..errors import VITaskError
+
 
 def _is_cache_object(past_key_values):
     from transformers.cache_utils import Cache
@@ -21,8 +23,8 @@ def _is_cache_object(past_key_values):
 def _check_legacy(past_key_values):
     if not (isinstance(past_key_values, (tuple, list)) and past_key_values
             and all(isinstance(layer, (tuple, list)) and len(layer) >= 2 for layer in past_key_values)):
-        raise TypeError(f"expected a transformers Cache or a tuple of (key, value) per layer, "
-                        f"got {type(past_key_values).__name__}")
+        raise VITaskError(f"the LLM's KV cache is a {type(past_key_values).__name__}, neither a transformers Cache "
+                          "nor a tuple of (key, value) per layer: rank with strategy='full-sequence' (no cache reuse)")
 
 
 def _map_legacy(past_key_values, fn):
@@ -46,8 +48,9 @@ def _rebuild(past_key_values, fn):
 
         if type(past_key_values) is DynamicCache:
             return DynamicCache.from_legacy_cache(_map_legacy(past_key_values.to_legacy_cache(), fn))
-        raise TypeError(f"{type(past_key_values).__name__} cannot be re-batched here: use a DynamicCache "
-                        "(the default of transformers' generate and forward) or legacy tuples")
+        raise VITaskError(f"{type(past_key_values).__name__} cannot be re-batched here: use a DynamicCache "
+                          "(the default of transformers' generate and forward) or legacy tuples, or rank with "
+                          "strategy='full-sequence'")
     _check_legacy(past_key_values)
     return _map_legacy(past_key_values, fn)
 
@@ -57,6 +60,11 @@ def repeat_kv_cache(past_key_values, repeats):
     ``repeats`` continuations of it. Returns a new cache of the kind given; the input is not modified."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if _is_cache_object(past_key_values) and hasattr(past_key_values, "batch_repeat_interleave") \
+            and type(past_key_values).__name__ != "DynamicCache":  # other Cache kinds repeat themselves
+        repeated = copy.deepcopy(past_key_values)
+        repeated.batch_repeat_interleave(repeats)
+        return repeated
     return _rebuild(past_key_values, lambda t: t.repeat_interleave(repeats, dim=0))
 
 
