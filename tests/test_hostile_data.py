@@ -360,3 +360,54 @@ def test_train_tool_refuses_bad_data_before_the_first_step(tiny_model, derma_dat
     assert proc.returncode != 0
     assert "error: 1 of 96 records" in proc.stderr and "line 1: label 9 is outside" in proc.stderr
     assert "Traceback" not in proc.stderr and not list((tmp_path / "work").rglob("*.pth"))
+
+
+# ------------------------------------------------------------------------------------ the CLIs
+def test_thread_default_and_verbose_flag(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    code = ("import os, sys\nfrom xtuner_vitask.cli import main\n"
+            "main.SUBCOMMANDS['probe'] = ('xtuner_vitask.cli.make_tiny', 'x')\n"
+            "main.NO_TORCH.discard('probe')\n"
+            "import xtuner_vitask.cli.make_tiny as m\n"
+            "m.run = lambda args: print(os.environ['OMP_NUM_THREADS'], args.verbose) or 0\n"
+            "sys.exit(main.main(['probe', 'OUT']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    threads = max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+    assert proc.returncode == 0 and proc.stdout == f"{threads} False\n"
+    assert f"xtuner-vitask: {threads} CPU thread(s) per process" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(env, OMP_NUM_THREADS="3"))
+    assert proc.stdout == "3 False\n" and "CPU thread" not in proc.stderr  # the user's choice is kept
+
+
+def test_banner_loggers_are_quiet_after_their_packages_reset_them():
+    import io
+    import logging
+
+    from xtuner_vitask.cli.main import quiet_banners
+
+    quiet_banners()
+    stream = io.StringIO()
+    deepspeed = logging.getLogger("DeepSpeed")  # what deepspeed.utils.logging does when it is imported
+    deepspeed.setLevel(logging.INFO)
+    handler = logging.StreamHandler(stream)
+    deepspeed.addHandler(handler)
+    try:
+        deepspeed.info("Setting ds_accelerator to cpu (auto detect)")
+        deepspeed.warning("Setting accelerator to CPU.")
+        deepspeed.error("a real DeepSpeed error")
+    finally:
+        deepspeed.removeHandler(handler)
+    assert stream.getvalue() == "a real DeepSpeed error\n"
+    assert not logging.getLogger("bitsandbytes.cextension").isEnabledFor(logging.WARNING)
+
+
+@pytest.mark.slow  # imports deepspeed and bitsandbytes for real (tens of seconds each on a shared machine)
+@pytest.mark.parametrize("quiet", [True, False])
+def test_third_party_banners_are_quiet(quiet):
+    code = ("from xtuner_vitask.cli.main import quiet_banners\n" + ("quiet_banners()\n" if quiet else "")
+            + "import bitsandbytes, deepspeed\nfrom deepspeed.accelerator import get_accelerator\nget_accelerator()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    banners = ("ds_accelerator" in output, "compiled without GPU support" in output)
+    assert proc.returncode == 0 and banners == ((False, False) if quiet else (True, True)), output

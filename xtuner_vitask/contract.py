@@ -43,10 +43,6 @@ def check_task_type(task_type, where: str = "task_type") -> str:
     return task_type
 
 
-def is_multi_label(task_type: str) -> bool:
-    return task_type == MULTI_LABEL
-
-
 @dataclass(frozen=True)
 class TaskMeta:
     """One task's label space: a single set, or one slice of a merged set's joint label space."""

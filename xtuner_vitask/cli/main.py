@@ -33,11 +33,13 @@ SUBCOMMANDS = {  # name -> (module, help); a module with COMMANDS serves several
     "merge-sets": ("xtuner_vitask.cli.convert", "merge converted sets into one set with a joint label space"),
     "cache-exemplars": ("xtuner_vitask.cli.cache_exemplars",
                         "compute every image's TSM exemplar once (cls or all tokens), keyed by record id"),
+    "list-cfg": ("xtuner_vitask.cli.cfg", "list the configs shipped with xtuner-vitask (like `xtuner list-cfg`)"),
+    "copy-cfg": ("xtuner_vitask.cli.cfg", "copy a shipped config (and the base files it reads) to a folder to edit"),
     "make-tiny": ("xtuner_vitask.cli.make_tiny",
                   "write a tiny InternVL2-compatible checkpoint (random weights) for offline tests"),
 }
 # Commands that never import torch: no thread line for them.
-NO_TORCH = {"convert-medmnist", "convert-external", "merge-sets"}
+NO_TORCH = {"convert-medmnist", "convert-external", "merge-sets", "list-cfg", "copy-cfg"}
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -85,7 +87,9 @@ def quiet_banners() -> None:
     """Third-party start-up notices off in this process: DeepSpeed's accelerator lines ("Setting
     ds_accelerator to cpu", INFO and WARNING; DeepSpeed resets its logger's level when imported, a
     filter stays) and bitsandbytes' "compiled without GPU support" (a warning of its own logger)."""
-    logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed.filters):
+        deepspeed.addFilter(_ErrorsOnly())
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 

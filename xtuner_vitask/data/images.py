@@ -14,13 +14,15 @@ X-ray reads the same everywhere.
   MedMNIST-like images; CMYK/YCbCr/... are converted by Pillow. A multi-frame file gives its
   first frame.
 
-:func:`probe_image` is the fast check used before training (header + PNG chunk checksums, no
-pixel decoding).
+:func:`probe_image` is the fast check used before training (PNG chunk checksums, or Pillow's
+header check for other formats; no pixel decoding).
 """
 from __future__ import annotations
 
 import os
+import struct
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -81,21 +83,52 @@ def read_image(path, mode: str = "RGB") -> Image.Image:
                           "replace the file or drop its record") from None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG after checking every chunk's CRC up to IEND (what Pillow's ``verify``
+    checks), walked directly: about three times faster than opening it with Pillow."""
+    pos, size, end_of_data = len(_PNG_SIGNATURE), None, len(data)
+    while pos + 12 <= end_of_data:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        stop = pos + 12 + length
+        if stop > end_of_data:
+            break
+        if zlib.crc32(data[pos + 4:pos + 8 + length]) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
+            raise VITaskError(f"cannot read image (PNG chunk {kind.decode('latin-1')!r} fails its CRC: damaged file)")
+        if size is None:
+            if kind != b"IHDR" or length < 8:
+                raise VITaskError("cannot read image (PNG without an IHDR header)")
+            size = struct.unpack_from(">II", data, pos + 8)
+        if kind == b"IEND":
+            return size
+        pos = stop
+    raise VITaskError("cannot read image (PNG cut short: no IEND chunk)")
+
+
 def probe_image(path) -> tuple[int, int]:
     """``(width, height)`` of an image file after a fast integrity check; VITaskError if it is unusable.
 
-    Reads the header (format, size, mode) and, for PNG, every chunk's CRC (truncated or corrupted
-    files fail), without decoding pixels: a few hundred microseconds per file.
+    PNG (what the converters write): every chunk's CRC is checked, so truncated or corrupted files
+    fail; other formats: Pillow reads the header and runs its ``verify``. No pixels are decoded
+    (measured in notes/data.md: ~55 us per 28 px PNG against ~720 us for a full decode).
     """
     try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
+        with open(path, "rb") as handle:
+            head = handle.read(len(_PNG_SIGNATURE))
+            if head == _PNG_SIGNATURE:
+                size = _png_size(head + handle.read())
+            else:
+                handle.seek(0)
+                with Image.open(handle) as image:
+                    size = image.size
+                    image.verify()
     except FileNotFoundError:
         raise VITaskError("image does not exist") from None
     except IsADirectoryError:
         raise VITaskError("image path is a folder") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
         raise VITaskError(f"cannot read image ({type(exc).__name__}: {exc})") from None
     if min(size) < 1:
         raise VITaskError(f"image has size {size[0]}x{size[1]}")
