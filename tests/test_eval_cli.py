@@ -128,10 +128,10 @@ def test_chat_checks_the_image_before_the_model(tmp_path, capsys):
     bad.write_text("not an image")
     # the model folder does not exist either: the image is checked first, before anything loads
     code, err = run_main(capsys, "chat", tmp_path / "no_model", "--image", bad, "--prompt", "hi")
-    one_line_error(code, err, f"cannot read image {bad} (UnidentifiedImageError")
+    one_line_error(code, err, f"{bad}: cannot read image (UnidentifiedImageError")
     assert err.rstrip().endswith("pass a PNG, JPEG or TIFF file with --image"), err
     code, err = run_main(capsys, "chat", tmp_path / "no_model", "--image", tmp_path / "gone.png", "--prompt", "hi")
-    one_line_error(code, err, "gone.png does not exist")
+    one_line_error(code, err, "gone.png: image does not exist: pass a PNG, JPEG or TIFF file with --image")
 
 
 def test_model_loading_log_is_quiet_unless_verbose():

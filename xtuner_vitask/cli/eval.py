@@ -69,7 +69,7 @@ def run(args):
 
     report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, verbose=args.verbose,
+                             progress=not args.no_progress, verbose=getattr(args, "verbose", False),
                              attn_implementation=args.attn_implementation)
     out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
     written = write_report(report, out)

@@ -36,7 +36,7 @@ def run(args):
     use_ep = info.has_ep if args.use_ep is None else args.use_ep
     meta = data_meta(info, args.data)
     records = read_records(args.data, meta, args.max_samples)
-    model = load_model(info, use_ep, args.verbose, args.attn_implementation)
+    model = load_model(info, use_ep, getattr(args, "verbose", False), args.attn_implementation)
     pos, neg = response_ranking(model, export_inputs(info, model, use_ep), records,
                                 os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
                                 batch_size=args.batch_size, seed=args.seed)

@@ -16,29 +16,22 @@ import torch
 from ..errors import VITaskError
 
 
-def read_image(path, hint="check the record's 'image' path"):
-    """The image at ``path`` as 8-bit RGB (the project's one reader: 16-bit/float rescaled as in training);
-    one VITaskError line naming the file and ``hint`` when it cannot be read."""
+def read_image(path):
+    """The image as 8-bit RGB through the project's one reader (16-bit and float images rescaled as in training)."""
     from ..data.images import read_image as read_8bit
 
-    if os.path.isdir(path):
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}")
-    try:
-        return read_8bit(path, "RGB")
-    except VITaskError as err:
-        raise VITaskError(f"{str(err).split(': check')[0]}: {hint}") from None
+    return read_8bit(path, "RGB")
 
 
-def check_image_file(path, hint):
-    """The header check of :func:`read_image` (cheap), up front, before a model loads."""
+def check_image_file(path, fix):
+    """The image's header and integrity (cheap: no decoding) before a model loads; one VITaskError naming
+    the file, what is wrong and ``fix``."""
     from ..data.images import probe_image
 
-    if os.path.isdir(path):
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}")
     try:
         probe_image(path)
     except VITaskError as err:
-        raise VITaskError(f"{str(err).replace('image ', f'image {path} ', 1)}: {hint}") from None
+        raise VITaskError(f"{path}: {err}: {fix}") from None
 
 
 def human_turn(record):

@@ -25,13 +25,13 @@ from .kv_cache import repeat_kv_cache
 STRATEGIES = ("shared-prefix", "full-sequence")
 
 
-def candidate_responses(task_meta, train_records=None):
-    """Responses to rank, with the label indices each stands for.
+def candidate_responses(task, train_records=None):
+    """Responses to rank for a task (the contract's TaskMeta), with the label indices each stands for.
 
     Single-label tasks: one per class (its label name), in class order. Multi-label tasks: "no
     finding", each single finding, and every other combination seen in ``train_records``.
     """
-    names, kind = task_meta["label_names"], task_meta["task_type"]
+    names, kind = list(task.label_names), task.task_type
     if kind != MULTI_LABEL:
         return [(format_response(kind, names, [c]), [c]) for c in range(len(names))]
     combos = {(): None, **{(c,): None for c in range(len(names))}}
