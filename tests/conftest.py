@@ -14,6 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process unless the caller chose: tests start training subprocesses and 2-process runs on a
+# 2-core machine (oversubscription made runs up to 40x slower); set here so every CLI call sees the same env.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
 # transformers copies remote code into HF_MODULES_CACHE and imports it from there as one package for the whole
 # process; it must be set once, before transformers is imported (changing it later breaks those imports).
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="xtuner_vitask_hf_modules_")
