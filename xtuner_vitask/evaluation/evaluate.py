@@ -21,7 +21,7 @@ MODES = ("rank", "generate")
 
 
 def read_records(data_path, max_samples=None):
-    from ..datasets.classification import read_jsonl
+    from ..tsm.dataset import read_jsonl
 
     records = read_jsonl(data_path)
     for n, record in enumerate(records, 1):
@@ -98,11 +98,9 @@ def _load_dataset(info, data_path, use_ep):
     # one tile per image, as VITaskDataset trains (CRT pairs images tile for tile)
     dataset = InternVL2Dataset(info.path, data_path, dynamic_image_size=False)
     if use_ep:
-        from ..datasets.classification import build_tsm_transform
+        from ..export.folder import export_tsm_transform
 
-        with open(os.path.join(info.tsm_dir, "config.json"), encoding="utf-8") as f:
-            spec = json.load(f)
-        dataset.tsm_transform = build_tsm_transform(spec["img_size"], spec["mean"], spec["std"], train=False)
+        dataset.tsm_transform = export_tsm_transform(info)
     return dataset
 
 

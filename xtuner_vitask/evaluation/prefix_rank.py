@@ -68,12 +68,12 @@ def rank_batch_shared_prefix(model, dataset, records, image_folder, candidates, 
     input_ids, mask = input_ids.to(device), mask.to(device)
     embeds = model.embed_tokens(input_ids, model.encode_images(torch.cat(tiles).to(device)))
     if use_ep:
-        from ..models.vitask import splice_tokens
+        from ..ep.exemplar_prompting import splice_exemplars
 
         data = {"exemplars": exemplars} if exemplars is not None else {"tsm_pixel_values": torch.stack(tsm_pixels)}
         tokens = model.exemplar_tokens({k: v.to(device) for k, v in data.items()})
         labels = torch.full(input_ids.shape, -100, dtype=torch.long, device=device)
-        embeds, mask, _, _ = splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+        embeds, mask, _, _ = splice_exemplars(embeds, mask, model.exemplar_spans(input_ids), tokens, labels=labels)
     embeds, mask = _left_align(embeds, mask)
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
 

@@ -77,11 +77,11 @@ def rank_batch(model, dataset, records, image_folder, candidates, use_ep=False, 
     seq_vit = torch.cat([vit[first[b]:first[b + 1]] for b in range(len(records)) for _ in range(n_cand)])
     embeds = model.embed_tokens(input_ids, seq_vit)
     if use_ep:
-        from ..models.vitask import splice_tokens
+        from ..ep.exemplar_prompting import splice_exemplars
 
         data = {"exemplars": exemplars} if exemplars is not None else {"tsm_pixel_values": torch.stack(tsm_pixels)}
         tokens = model.exemplar_tokens({k: v.to(device) for k, v in data.items()}).repeat_interleave(n_cand, dim=0)
-        embeds, mask, labels, positions = splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+        embeds, mask, labels, positions = splice_exemplars(embeds, mask, model.exemplar_spans(input_ids), tokens, labels=labels)
     logits, targets = model.response_logits(embeds, mask, positions, labels)
     token_logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     seq_of_row = (labels[:, 1:] != -100).nonzero()[:, 0]

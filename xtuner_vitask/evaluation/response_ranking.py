@@ -45,10 +45,10 @@ def token_probabilities(model, dataset, records, image_records, image_folder, us
     input_ids, labels, mask, positions = pad_sequences(seqs, dataset.tokenizer.pad_token_id or 0, device)
     embeds = model.embed_tokens(input_ids, model.encode_images(torch.cat(tiles).to(device)))
     if use_ep:
-        from ..models.vitask import splice_tokens
+        from ..ep.exemplar_prompting import splice_exemplars
 
         tokens = model.exemplar_tokens({"tsm_pixel_values": torch.stack(tsm_pixels).to(device)})
-        embeds, mask, labels, positions = splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+        embeds, mask, labels, positions = splice_exemplars(embeds, mask, model.exemplar_spans(input_ids), tokens, labels=labels)
     logits, targets = model.response_logits(embeds, mask, positions, labels)
     probs = torch.softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1).cpu()
     owner = (labels[:, 1:] != -100).nonzero()[:, 0].cpu()

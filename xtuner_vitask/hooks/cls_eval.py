@@ -52,7 +52,7 @@ class VITaskEvalHook(Hook):
         self.best_score, self.best_path = -1.0, None
 
     def before_train(self, runner):
-        from ..datasets.classification import read_jsonl
+        from ..tsm.dataset import read_jsonl
         from ..evaluation.ranking import candidate_responses
 
         dataset = runner.train_dataloader.dataset

@@ -23,6 +23,10 @@ from ..errors import VITaskError
 from . import losses
 
 
+class ConfigMismatchError(VITaskError, AttributeError):
+    """A checkpoint's tensor has no place in the model the config builds (an AttributeError for ``hasattr``)."""
+
+
 def resolve_attn_implementation(name):
     """'auto' -> flash_attention_2 where flash-attn imports and CUDA runs, else sdpa."""
     if name == "auto":
@@ -117,6 +121,17 @@ class InternVL2(InternVL_V1_5):
             self.model.mlp1.requires_grad_(False)
         if not activation_checkpointing:
             self.gradient_checkpointing_disable()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "connector":
+                raise
+        # XTuner's pth_to_hf puts every tensor of the checkpoint into the model built from the config
+        raise ConfigMismatchError(f"the checkpoint holds VITask's exemplar connector but the config builds the "
+                                  f"vanilla {type(self).__name__}: convert it with the VITask config it was trained "
+                                  "with (the copy in its work_dir)") from None
 
     def state_dict(self, *args, **kwargs):
         """XTuner's choice (LoRA / unfrozen towers / mlp1), minus mlp1 when it is frozen (it is the base model's)."""
