@@ -6,8 +6,8 @@
 - :mod:`.folder` checks an export folder and loads it into the project's wrappers (eval, chat).
 - :mod:`.plug` swaps a newly trained TSM into an EP export (VITask^plug).
 """
-from .folder import ExportInfo, export_tsm_transform, inspect_export, load_export_model, read_task_meta
+from .folder import ExportInfo, inspect_export, load_export_model, read_task_meta
 from .to_hf import EP_FORMATS, PLAIN_FORMATS, export_to_hf
 
-__all__ = ["export_to_hf", "inspect_export", "load_export_model", "read_task_meta", "export_tsm_transform",
-           "ExportInfo", "EP_FORMATS", "PLAIN_FORMATS"]
+__all__ = ["export_to_hf", "inspect_export", "load_export_model", "read_task_meta", "ExportInfo",
+           "EP_FORMATS", "PLAIN_FORMATS"]

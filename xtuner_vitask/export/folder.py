@@ -1,6 +1,5 @@
 """Export folders: what is in one (:func:`inspect_export`), one clear error when something is
-missing, loading one into the project's wrappers for evaluation (:func:`load_export_model`), and
-the EP export's TSM preprocessing (:func:`export_tsm_transform`)."""
+missing, and loading one into the project's wrappers for evaluation (:func:`load_export_model`)."""
 import json
 import os
 from dataclasses import dataclass, field
@@ -116,17 +115,6 @@ def read_task_meta(info, data_meta_path=None):
                 raise VITaskError(f"the data's {key} differ from the model's training meta.json ({diff}): "
                                   f"evaluate on data converted for this model's label set ({data_meta_path})")
     return model_meta if model_meta is not None else data_meta
-
-
-def export_tsm_transform(info):
-    """The EP export's TSM preprocessing (PIL RGB image -> pixels), from ``tsm/config.json`` (timm's
-    ``pretrained_cfg``), without loading any weights."""
-    from ..ep.exemplar_tsm import tsm_transform
-
-    if not info.has_ep:
-        raise VITaskError(f"{info.path} is a plain export: it has no TSM (export without --save-format official)")
-    cfg = _read_json(os.path.join(info.tsm_dir, "config.json"), "TSM config")["pretrained_cfg"]
-    return tsm_transform(cfg["input_size"][-1], cfg["mean"], cfg["std"])
 
 
 def load_export_model(info, use_ep=False, torch_dtype="auto", attn_implementation="auto"):
