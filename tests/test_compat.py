@@ -26,6 +26,9 @@ buffer.update(1.5)
 torch.save({'message_hub': {'loss': buffer}, 'state_dict': {'w': torch.ones(2)}}, 'ckpt.pth')
 loaded = torch.load('ckpt.pth')  # torch>=2.6's default: weights_only=True
 assert loaded['message_hub']['loss'].current() == 1.5
+from xtuner_vitask.tsm.checkpoint import load_weights_only  # a TSM load (VITask builds one) on the way
+assert load_weights_only('ckpt.pth')['message_hub']['loss'].current() == 1.5
+assert torch.load('ckpt.pth')['message_hub']['loss'].current() == 1.5  # resume still allowed afterwards
 print(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'), 'HistoryBuffer' in str(before))
 """
     proc = run_python(f"import os, tempfile; os.chdir(tempfile.mkdtemp()); exec({code!r})")

@@ -35,8 +35,11 @@ def tsm_checksum(path: str) -> str:
 def load_weights_only(path: str, what: str = "checkpoint"):
     """``torch.load(path, weights_only=True)`` allowing mmengine's training-state types; one clear line
     for a file that is not a checkpoint or that holds other pickled objects (refused, never run)."""
+    # safe_globals() removes its globals on exit: add only those not already allowed process-wide (the
+    # mmengine import hook allows them for --resume, which must keep working after a TSM was loaded)
+    allowed = set(map(id, torch.serialization.get_safe_globals()))
     try:
-        with torch.serialization.safe_globals(training_state_globals()):
+        with torch.serialization.safe_globals([g for g in training_state_globals() if id(g) not in allowed]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
