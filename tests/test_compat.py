@@ -23,7 +23,9 @@ import mmengine  # the .pth hook acts right after this import
 from mmengine.logging.history_buffer import HistoryBuffer
 buffer = HistoryBuffer()
 buffer.update(1.5)
-torch.save({'message_hub': {'loss': buffer}, 'state_dict': {'w': torch.ones(2)}}, 'ckpt.pth')
+from mmengine.config import ConfigDict  # DeepSpeed's model states hold the ds_config as one
+torch.save({'message_hub': {'loss': buffer}, 'ds_config': ConfigDict(zero_optimization=dict(stage=2)),
+            'state_dict': {'w': torch.ones(2)}}, 'ckpt.pth')
 loaded = torch.load('ckpt.pth')  # torch>=2.6's default: weights_only=True
 assert loaded['message_hub']['loss'].current() == 1.5
 from xtuner_vitask.tsm.checkpoint import load_weights_only  # a TSM load (VITask builds one) on the way

@@ -34,8 +34,8 @@ import sys
 
 def training_state_globals():
     """The non-tensor types of mmengine training checkpoints: the message hub's ``HistoryBuffer``
-    (whose statistics methods mmengine pickles by name, through ``getattr``) and numpy arrays, scalars
-    and dtypes.
+    (whose statistics methods mmengine pickles by name, through ``getattr``), numpy arrays, scalars
+    and dtypes, and the ``ConfigDict`` of DeepSpeed's model-states file (XTuner reads the seed there).
 
     Measured on this stack's checkpoints (TSM, VITask, VITask under DeepSpeed ZeRO-2) with
     ``torch.serialization.get_unsafe_globals_in_checkpoint``; the slow tests check the list still
@@ -43,13 +43,15 @@ def training_state_globals():
     objects they built.
     """
     import numpy as np
+    from mmengine.config import ConfigDict
     from mmengine.logging.history_buffer import HistoryBuffer
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     # numpy >= 2 builds a dtype as an instance of its own class (numpy.dtypes.Float64DType, ...)
     dtype_classes = [type(np.dtype(name)) for name in ("bool", "int8", "int16", "int32", "int64", "uint8",
                                                         "float16", "float32", "float64")]
-    return [HistoryBuffer, getattr, np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct, *dtype_classes]
+    return [HistoryBuffer, ConfigDict, getattr, np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct,
+            *dtype_classes]
 
 
 def allow_training_state_loads():
