@@ -41,9 +41,9 @@ print(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'), 'HistoryBuffer' in str
 def test_an_uncaught_vitask_error_is_one_line_in_xtuners_tools():
     code = "import mmengine; from xtuner_vitask.errors import VITaskError; raise VITaskError('x is wrong: do y')"
     proc = run_python(code)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "VITaskError: x is wrong: do y"
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: x is wrong: do y"
     assert "Traceback" not in proc.stderr
-    proc = run_python(code, XTUNER_VITASK_TRACEBACK="1")
+    proc = run_python(code, VITASK_TRACEBACK="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
     proc = run_python("import mmengine; raise KeyError('other errors keep their traceback')")
     assert proc.returncode == 1 and "Traceback" in proc.stderr

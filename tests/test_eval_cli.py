@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from export_fixtures import exports  # noqa: F401  (fixture)
-from xtuner_vitask.data.medmnist import parse_response
+from xtuner_vitask.formats import parse_response
 from xtuner_vitask.errors import VITaskError
 
 
@@ -128,10 +128,10 @@ def test_chat_checks_the_image_before_the_model(tmp_path, capsys):
     bad.write_text("not an image")
     # the model folder does not exist either: the image is checked first, before anything loads
     code, err = run_main(capsys, "chat", tmp_path / "no_model", "--image", bad, "--prompt", "hi")
-    one_line_error(code, err, f"cannot read image {bad} (UnidentifiedImageError: it is not a PNG/JPEG/TIFF image): "
-                              "pass a PNG, JPEG or TIFF file with --image")
+    one_line_error(code, err, f"{bad}: cannot read image (UnidentifiedImageError")
+    assert err.rstrip().endswith("pass a PNG, JPEG or TIFF file with --image"), err
     code, err = run_main(capsys, "chat", tmp_path / "no_model", "--image", tmp_path / "gone.png", "--prompt", "hi")
-    one_line_error(code, err, "gone.png does not exist")
+    one_line_error(code, err, "gone.png: image does not exist: pass a PNG, JPEG or TIFF file with --image")
 
 
 def test_model_loading_log_is_quiet_unless_verbose():

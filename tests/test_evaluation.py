@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from xtuner_vitask.errors import VITaskError
 
@@ -57,9 +58,23 @@ def inputs(tiny_model):
     return ModelInputs.for_model(tiny_model)
 
 
+@pytest.fixture(scope="module", params=["qwen2", "internlm2"])
+def llm_model(request, tmp_path_factory):
+    """(VITask wrapper, its ModelInputs) on a tiny of each cache kind: Qwen2 (transformers Cache objects) and
+    InternLM2 (InternVL2's remote code: legacy tuples in and out)."""
+    from xtuner_vitask.evaluation.inputs import ModelInputs
+    from xtuner_vitask.testing import build_tiny_internvl
+
+    path = str(build_tiny_internvl(tmp_path_factory.mktemp("llm") / request.param, llm=request.param))
+    torch.manual_seed(0)
+    return request.param, load_wrapper(path, ep=True), ModelInputs.for_model(path)
+
+
 @pytest.fixture(scope="module")
 def derma_meta(derma_data):
-    return json.load(open(os.path.join(derma_data, "meta.json")))
+    from xtuner_vitask.contract import load_meta
+
+    return load_meta(derma_data)
 
 
 def _records(derma_data, meta, n=6):
@@ -90,61 +105,29 @@ def test_prompt_is_the_training_prompt_and_a_prefix_of_every_training_sequence(t
 
 # ------------------------------------------------------------------------ ranking strategies
 @pytest.mark.parametrize("ep_mode,tokens", [(None, None), ("cls", None), ("rep", 3)])
-def test_shared_prefix_ranking_gives_the_full_sequence_scores(vitask_model, inputs, derma_data, derma_meta,
-                                                              ep_mode, tokens):
-    from xtuner_vitask.evaluation.ranking import candidate_responses, rank_records
-
-    model, use_ep = vitask_model, ep_mode is not None
-    model.ep_mode = ep_mode or "cls"
-    records = _records(derma_data, derma_meta)
-    candidates = candidate_responses(derma_meta)
-    args = (model, inputs, records, derma_data, candidates)
-    kwargs = dict(use_ep=use_ep, batch_size=4, exemplars=Exemplars(tokens) if use_ep else None, progress=False)
-    try:
-        full = rank_records(*args, strategy="full-sequence", **kwargs)
-        shared = rank_records(*args, strategy="shared-prefix", **kwargs)
-    finally:
-        model.ep_mode = "cls"
-    assert full.shape == shared.shape == (6, 7)
-    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
-    assert full.std() > 0  # real scores, not a constant
-
-
-def test_shared_prefix_ranking_with_legacy_tuple_caches(vitask_model, inputs, derma_data, derma_meta, monkeypatch):
-    """InternVL2's InternLM2 code takes and returns tuples ((k, v) per layer): the same scores."""
-    from transformers import DynamicCache
-
+def test_shared_prefix_ranking_gives_the_full_sequence_scores(llm_model, derma_data, derma_meta, ep_mode, tokens,
+                                                              monkeypatch):
     from xtuner_vitask.evaluation import ranking
 
-    model = vitask_model
-    records, candidates = _records(derma_data, derma_meta, 4), ranking.candidate_responses(derma_meta)
-    reference = ranking.rank_records(model, inputs, records, derma_data, candidates, strategy="full-sequence",
-                                     progress=False)
-    decoder, head = model.decoder_and_head()
-    seen = []
-
-    def legacy_decoder(*args, past_key_values=None, **kwargs):
-        """Qwen2 behind InternLM2's cache interface: tuples in, tuples out."""
-        if past_key_values is not None:
-            assert isinstance(past_key_values, tuple)  # what it gets back is what it gave out
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-        out = decoder(*args, past_key_values=past_key_values, **kwargs)
-        if out.past_key_values is not None and not isinstance(out.past_key_values, tuple):
-            out.past_key_values = out.past_key_values.to_legacy_cache()
-        seen.append(type(out.past_key_values))
-        return out
-
-    real_repeat = ranking.repeat_kv_cache
-    monkeypatch.setattr(model, "decoder_and_head", lambda: (legacy_decoder, head))
-    monkeypatch.setattr(ranking, "repeat_kv_cache", lambda past, n: (seen.append(type(past)), real_repeat(past, n))[1])
-    shared = ranking.rank_records(model, inputs, records, derma_data, candidates, progress=False)
-    assert tuple in seen and seen.count(tuple) >= 2
-    torch.testing.assert_close(shared, reference, rtol=1e-4, atol=1e-4)
+    llm, model, inputs = llm_model
+    use_ep = ep_mode is not None
+    monkeypatch.setattr(model, "ep_mode", ep_mode or "cls")
+    caches = []
+    repeat = ranking.repeat_kv_cache
+    monkeypatch.setattr(ranking, "repeat_kv_cache", lambda past, n: (caches.append(type(past)), repeat(past, n))[1])
+    records = _records(derma_data, derma_meta)
+    candidates = ranking.candidate_responses(derma_meta.task())
+    args = (model, inputs, records, derma_data, candidates)
+    kwargs = dict(use_ep=use_ep, batch_size=4, exemplars=Exemplars(tokens) if use_ep else None, progress=False)
+    full = ranking.rank_records(*args, strategy="full-sequence", **kwargs)
+    shared = ranking.rank_records(*args, strategy="shared-prefix", **kwargs)
+    assert full.shape == shared.shape == (6, 7)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-4)  # log-likelihoods: absolute
+    assert full.std() > 0  # real scores, not a constant
+    assert len(caches) == 2 and all(c is (tuple if llm == "internlm2" else DynamicCache) for c in caches)
 
 
 def test_repeat_kv_cache_repeats_rows_of_tuples_and_cache_objects():
-    from transformers import DynamicCache
-
     from xtuner_vitask.evaluation.ranking import repeat_kv_cache
 
     k, v = torch.arange(2 * 4 * 3).float().view(2, 1, 4, 3), -torch.arange(2 * 4 * 3).float().view(2, 1, 4, 3)
@@ -164,11 +147,11 @@ def test_response_probabilities_agree_with_ranking(vitask_model, inputs, derma_d
     from xtuner_vitask.evaluation.ranking import candidate_responses, rank_records
 
     records = _records(derma_data, derma_meta, 4)
-    candidates = candidate_responses(derma_meta)
+    candidates = candidate_responses(derma_meta.task())
     scores = rank_records(vitask_model, inputs, records, derma_data, candidates, progress=False)
     probs = token_probabilities(vitask_model, inputs, records, records, derma_data)
     own = [scores[i, r["label"][0]].item() for i, r in enumerate(records)]
-    np.testing.assert_allclose([np.log(p).sum() for p in probs], own, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([np.log(p).sum() for p in probs], own, rtol=0, atol=1e-4)
     other = token_probabilities(vitask_model, inputs, records, records[::-1], derma_data)  # another image shown
     assert not np.allclose([p.mean() for p in probs], [p.mean() for p in other])
 
@@ -187,20 +170,21 @@ def merged_data(tmp_path_factory, derma_data):
 
 
 def test_merged_set_is_evaluated_per_task_in_each_label_space(vitask_model, inputs, merged_data, derma_data):
+    from xtuner_vitask.contract import load_meta
     from xtuner_vitask.evaluation.evaluate import evaluate_records, read_records
 
-    meta = json.load(open(os.path.join(merged_data, "meta.json")))
-    assert meta["task_type"] == "multi-task"
+    meta = load_meta(merged_data)
+    assert meta.multi_task
     test = os.path.join(merged_data, "test.jsonl")
     records = read_records(test, meta)
     out = evaluate_records(vitask_model, inputs, records, meta, merged_data, progress=False, batch_size=8)
     assert set(out["tasks"]) == {"dermamnist", "pneumoniamnist"}
     for task, rep in out["tasks"].items():
         assert rep["n"] == sum(r["task"] == task for r in records)
-        assert len(rep["metrics"]["per_class"]["f1"]) == len(meta["tasks"][task]["label_names"])
+        assert len(rep["metrics"]["per_class"]["f1"]) == meta.tasks[task].num_classes
         # the same numbers as evaluating the task's records alone, as a single set with its own meta
         own = [r for r in records if r["task"] == task]
-        alone = evaluate_records(vitask_model, inputs, own, meta["tasks"][task], merged_data, progress=False)
+        alone = evaluate_records(vitask_model, inputs, own, meta.tasks[task].as_dict(), merged_data, progress=False)
         (only,) = alone["tasks"].values()
         assert only["metrics"]["confusion_matrix"] == rep["metrics"]["confusion_matrix"]
         assert only["metrics"]["macro_f1"] == pytest.approx(rep["metrics"]["macro_f1"])
@@ -304,7 +288,7 @@ class FakeRunner:
 def _write_set(tmp_path, derma_data, edit):
     """A copy of the derma test split whose first record is changed by ``edit(record, folder)``."""
     folder = tmp_path / "bad"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     shutil.copy(os.path.join(derma_data, "meta.json"), folder / "meta.json")
     os.symlink(os.path.join(derma_data, "images"), folder / "images")
     records = [json.loads(line) for line in open(os.path.join(derma_data, "test.jsonl"))][:4]
@@ -314,20 +298,35 @@ def _write_set(tmp_path, derma_data, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda r, f: r.update(label=[-1]), r"record 1 .*label -1 is outside 0\.\.6"),
-    (lambda r, f: r.update(label=[12]), r"record 1 .*label 12 is outside 0\.\.6 \(7 classes"),
-    (lambda r, f: r.update(label=[0, 1]), r"record 1 .*needs exactly one label"),
-    (lambda r, f: r.update(image=["a.png", "b.png"]), r"record 1 .*'image' is list .*one image per record"),
+    (lambda r, f: r.update(label=[-1]), r"line 1: label -1 is outside dermamnist's classes 0\.\.6"),
+    (lambda r, f: r.update(label=[12]), r"line 1: label 12 is outside dermamnist's classes 0\.\.6"),
+    (lambda r, f: r.update(label=[0, 1]), r"line 1: a multi-class record has exactly one label, got \[0, 1\]"),
+    (lambda r, f: r.update(image=["a.png", "b.png"]), r"line 1: 'image' must be one path"),
     (lambda r, f: (f.joinpath("text.png").write_text("not an image"), r.update(image="text.png")),
-     r"cannot read image .*text\.png .*fix .*record 1"),
-    (lambda r, f: r.update(image="images/nowhere.png"), r"image .*nowhere\.png does not exist"),
+     r"line 1: cannot read image \(UnidentifiedImageError.*: .*text\.png"),
+    (lambda r, f: r.update(image="images/nowhere.png"), r"line 1: image does not exist: .*nowhere\.png"),
 ])
-def test_bad_records_are_one_clear_error_before_any_model_loads(tmp_path, derma_data, edit, message):
+def test_bad_records_are_reported_by_line_before_any_model_loads(tmp_path, derma_data, edit, message):
     from xtuner_vitask.evaluation.evaluate import read_records
 
     path, meta = _write_set(tmp_path, derma_data, edit)
-    with pytest.raises(VITaskError, match=message):
+    with pytest.raises(VITaskError, match=r"1 of 4 records in .*test\.jsonl cannot be used \(fix or remove them\):\n  "
+                                          + message):
         read_records(path, meta)
+
+
+def test_every_bad_record_is_reported_at_once(tmp_path, derma_data):
+    from xtuner_vitask.evaluation.evaluate import read_records
+
+    path, meta = _write_set(tmp_path, derma_data, lambda r, f: r.update(label=[9]))
+    lines = open(path).read().splitlines()
+    lines[2] = "{not json"
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(VITaskError, match=r"2 of 4 records .*\n  line 1: label 9 .*\n  line 3: not JSON"):
+        read_records(path, meta)
+    # a one-element image list is XTuner's form of one image: accepted, read as the path
+    path, meta = _write_set(tmp_path / "x", derma_data, lambda r, f: r.update(image=[r["image"]]))
+    assert isinstance(read_records(path, meta)[0]["image"], str)
 
 
 def test_read_records_arguments(derma_data, derma_meta):

@@ -11,9 +11,10 @@
    DeepSpeed and XTuner's own model loader pass ``weights_only=False`` themselves.
 
 2. XTuner's tools (train, pth_to_hf) let exceptions end the process with a traceback. A
-   ``VITaskError`` is a user's mistake with its fix in the message: :func:`one_line_user_errors`
-   prints it as one line (``XTUNER_VITASK_TRACEBACK=1`` shows the traceback); other exceptions
-   keep Python's usual report. Installed with the hook of 1.
+   ``VITaskError`` is a user's mistake with its fix in the message: ``errors.install_excepthook``
+   prints it as one ``error: ...`` line (``VITASK_TRACEBACK=1`` shows the traceback); other
+   exceptions keep Python's usual report. Installed with the hook of 1, so that pth_to_hf's
+   refusals, raised before any dataset is imported, are one line too.
 
 3. The CPU build of torch (the one CI and CPU users install) does not define
    ``torchvision::nms``; PyPI's torchvision then fails at import with
@@ -28,7 +29,6 @@ torchvision or mmengine is imported.
 """
 import importlib.abc
 import importlib.util
-import os
 import sys
 
 
@@ -61,27 +61,11 @@ def allow_training_state_loads():
     torch.serialization.add_safe_globals(training_state_globals())
 
 
-def one_line_user_errors():
-    """An uncaught VITaskError ends the process with one line on stderr (exit status 1), no traceback."""
-    previous = sys.excepthook
-    if getattr(previous, "vitask", False):
-        return
-
-    def excepthook(kind, value, traceback):
-        from .errors import VITaskError
-
-        if issubclass(kind, VITaskError) and not os.environ.get("XTUNER_VITASK_TRACEBACK"):
-            print(f"VITaskError: {value}", file=sys.stderr)
-        else:
-            previous(kind, value, traceback)
-
-    excepthook.vitask = True
-    sys.excepthook = excepthook
-
-
 def _on_mmengine_import():
+    from .errors import install_excepthook
+
     allow_training_state_loads()
-    one_line_user_errors()
+    install_excepthook()
 
 
 _TORCHVISION_OP_SCHEMAS = (

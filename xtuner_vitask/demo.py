@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +85,7 @@ def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=
 
 
 def read_meta(data_dir):
-    with open(Path(data_dir) / "meta.json", encoding="utf-8") as f:
-        return json.load(f)
+    return load_meta(data_dir).raw
 
 
 def data_label(meta):
@@ -381,8 +381,7 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     rows.append({"model": "tsm", "accuracy": tsm_metrics["accuracy"], "macro_f1": tsm_metrics["macro_f1"]})
 
     step("chat once with a test image (VITask export, EP on)")
-    with open(Path(data_dir) / "test.jsonl", encoding="utf-8") as f:
-        sample = json.loads(f.readline())
+    sample = read_jsonl(Path(data_dir) / "test.jsonl")[0]
     image = Path(data_dir) / sample["image"]
     prompt = next(t["value"] for t in sample["conversations"] if t["from"] == "human").replace("<image>", "").strip()
     answer = chat_once(vitask_hf, image, prompt)

@@ -22,7 +22,6 @@ def add_arguments(parser):
                         help="output folder for eval.json and confusion_matrix.png "
                              "(default: eval_results/<model>/<data>_<mode>_<ep|no-ep>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="also print the model loading log (the model tree)")
 
 
 # ---- argument checks shared by eval, chat and ranking-plot: before anything loads --------------------------------
@@ -68,7 +67,7 @@ def run(args):
 
     report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, verbose=args.verbose)
+                             progress=not args.no_progress, verbose=getattr(args, "verbose", False))
     out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
     written = write_report(report, out)
     print("\n".join(summary_lines(report)))

@@ -6,8 +6,8 @@ over the ranks of a distributed run (every rank scores its shard; the results ar
 record order, so the metrics equal the single-process ones). Its results -- accuracy, macro-F1,
 per-class precision/recall/F1 (scikit-learn, :mod:`.metrics`), the confusion matrix and every
 sample's prediction -- make the report that :func:`write_report` writes
-(``xtuner_vitask.inference.exports.evaluate_export`` builds it for an export folder). In ``generate`` mode an answer that does not parse into the label set
-is *unparsable*: counted, listed, and scored as wrong (single-label: it matches no class;
+(``xtuner_vitask.inference.exports.evaluate_export`` builds it for an export folder). In
+``generate`` mode an answer that does not parse into the label set is *unparsable*: counted, listed, and scored as wrong (single-label: it matches no class;
 multi-label: every label counts as wrong); ``metrics_parsable`` scores the parsable answers alone.
 """
 import json
@@ -18,94 +18,68 @@ import tempfile
 import numpy as np
 import torch
 
+from ..contract import (MULTI_LABEL, DataMeta, iter_jsonl, parse_meta, problems_report, read_jsonl, record_image,
+                        record_problems)
+from ..data.images import probe_images
 from ..errors import VITaskError
-from .inputs import check_image_file
 
 MODES = ("rank", "generate")
-MULTI_TASK = "multi-task"
 
 
 # ---------------------------------------------------------------------------------------- data
-def task_metas(meta):
-    """{task name or None: task meta (label_names, task_type)}: one entry unless the set is merged."""
-    if meta.get("task_type") != MULTI_TASK:
-        return {None: meta}
-    if not meta.get("tasks"):
-        raise VITaskError("a multi-task meta.json without 'tasks': regenerate the merged set with merge-sets")
-    return dict(meta["tasks"])
-
-
-def _check_label(record, where, task_meta):
-    names, kind = task_meta["label_names"], task_meta["task_type"]
-    label = record["label"]
-    if not isinstance(label, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in label):
-        raise VITaskError(f"{where}: 'label' is {label!r}, not a list of class indices: regenerate the JSONL with "
-                          "data_tools")
-    bad = [c for c in label if not 0 <= c < len(names)]
-    if bad:
-        raise VITaskError(f"{where}: label {bad[0]} is outside 0..{len(names) - 1} ({len(names)} classes in "
-                          f"meta.json): fix the record or evaluate with the meta.json it was converted with")
-    if kind != "multi-label" and len(label) != 1:
-        raise VITaskError(f"{where}: a {kind} record needs exactly one label, got {label}: fix the record")
+def as_meta(meta):
+    """The contract's DataMeta of a DataMeta or a meta.json's content (e.g. an export's task_meta.json)."""
+    return meta if isinstance(meta, DataMeta) else parse_meta(meta)
 
 
 def read_records(data_path, meta, max_samples=None, check_images=True):
     """The labelled records of ``data_path`` (the first ``max_samples``), checked before any model runs.
 
-    Every record needs an ``image`` (one relative path) that opens as an image, a ``label`` in its
-    task's range, and (merged sets) a ``task`` of the meta.json. Raises one VITaskError naming the
-    record and the fix.
+    Every record needs conversations with one ``<image>``, an ``image`` (one path) that opens as an
+    image, a ``label`` in its task's classes and (merged sets) a ``task`` of the meta.json. All bad
+    records are reported at once, by line number, in one VITaskError.
     """
-    from ..tsm.dataset import read_jsonl
-
+    meta = as_meta(meta)
     if max_samples is not None and int(max_samples) < 1:
         raise VITaskError(f"max_samples={max_samples}: use a positive number (or None for every record)")
-    if os.path.isdir(data_path):
-        raise VITaskError(f"data {data_path} is a folder: pass one of its JSONL files (e.g. "
-                          f"{os.path.join(data_path, 'test.jsonl')})")
-    records = read_jsonl(data_path)
-    if not records:
+    problems, numbered = [], []
+    for line, record in iter_jsonl(data_path, problems):
+        numbered.append((line, record))
+        if max_samples and len(numbered) == max_samples:
+            break
+    total = len(numbered) + len(problems)  # lines that are not JSON objects count as records too
+    if not total:
         raise VITaskError(f"{data_path} has no records: evaluate a non-empty split")
-    records = records[:max_samples] if max_samples else records
-    tasks = task_metas(meta)
     folder = os.path.dirname(os.path.abspath(data_path))
-    for n, record in enumerate(records, 1):
-        where = f"{data_path} record {n} (id {record.get('id')!r})" if isinstance(record, dict) else \
-            f"{data_path} record {n}"
-        if not isinstance(record, dict) or "label" not in record or "image" not in record:
-            raise VITaskError(f"{where} has no 'label'/'image': evaluation needs labelled images (convert the data "
-                              "with data_tools)")
-        image = record["image"]
-        if not isinstance(image, str) or not image:
-            raise VITaskError(f"{where}: 'image' is {type(image).__name__} {image!r}, not one image path: "
-                              "evaluation takes one image per record (split multi-image records)")
-        task = record.get("task") if None not in tasks else None
-        if task not in tasks:
-            raise VITaskError(f"{where} has task {task!r}, not one of the set's tasks {sorted(tasks)}: evaluate "
-                              "with the merged set's meta.json")
-        _check_label(record, where, tasks[task])
-        if check_images:
-            check_image_file(os.path.join(folder, image), hint=f"fix {where} (images live beside the JSONL, "
-                                                              "as data_tools writes them)")
-    return records
+    to_probe = []
+    for line, record in numbered:
+        found = record_problems(record, meta, require_label=True, require_image=True)
+        problems += [(line, text) for text in found]
+        if not found:
+            record["image"] = record_image(record)  # XTuner's one-element list -> the path
+            to_probe.append((line, os.path.join(folder, record["image"])))
+    if check_images and to_probe:
+        probes = probe_images([path for _, path in to_probe])
+        problems += [(line, f"{result}: {path}") for (line, path), result in zip(to_probe, probes)
+                     if isinstance(result, str)]
+    if problems:
+        raise VITaskError(problems_report(data_path, problems, total))
+    return [record for _, record in numbered]
 
 
 def task_groups(records, meta):
-    """[(task name or None, task meta, records of the task)] in the order tasks first appear."""
-    tasks, groups = task_metas(meta), {}
+    """[(TaskMeta, records of the task)], tasks in the order they first appear (one for a single set)."""
+    meta, groups = as_meta(meta), {}
     for record in records:
-        task = record.get("task") if None not in tasks else None
-        groups.setdefault(task, []).append(record)
-    return [(task, tasks[task], group) for task, group in groups.items()]
+        groups.setdefault(meta.task_of(record).name, []).append(record)
+    return [(meta.tasks[name], group) for name, group in groups.items()]
 
 
 def train_records_beside(data_path, meta):
     """train.jsonl beside an eval file (multi-label candidates: the label combinations seen in training)."""
-    from ..tsm.dataset import read_jsonl
-
-    kinds = {t["task_type"] for t in task_metas(meta).values()}
+    multi_label = any(task.multi_label for task in as_meta(meta).tasks.values())
     path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "train.jsonl")
-    return read_jsonl(path) if "multi-label" in kinds and os.path.isfile(path) else []
+    return read_jsonl(path, allow_empty=True) if multi_label and os.path.isfile(path) else []
 
 
 # -------------------------------------------------------------------------------- distribution
@@ -155,7 +129,7 @@ def _run_shard(fn, records, distributed):
 
 # ------------------------------------------------------------------------------------ metrics
 def _label_array(labels, task_type, n):
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([lab[0] if lab else -1 for lab in labels])
     out = np.zeros((len(labels), n), dtype=int)
     for row, lab in enumerate(labels):
@@ -165,7 +139,7 @@ def _label_array(labels, task_type, n):
 
 def _scored_as_wrong(truth, task_type, n):
     """The prediction an unparsable answer is scored with: no class (single-label), all labels flipped (multi)."""
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return [-1]
     return [c for c in range(n) if c not in truth]
 
@@ -212,18 +186,20 @@ def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank",
     ``tasks`` maps each task name (the data set's name for a single set) to task_type,
     label_names, n, unparsable, metrics (and metrics_parsable in generate mode).
     """
-    from ..data.medmnist import parse_response
+    from ..formats import parse_response
     from .generate import default_max_new_tokens, generate_records
     from .ranking import best_labels, candidate_responses, rank_records
 
     if mode not in MODES:
         raise VITaskError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    meta = as_meta(meta)
     out = dict(tasks={}, samples=[])
-    for task, task_meta, group in task_groups(records, meta):
-        kind, names = task_meta["task_type"], task_meta["label_names"]
+    for task, group in task_groups(records, meta):
+        kind, names = task.task_type, list(task.label_names)
         n_cls = len(names)
-        candidates = candidate_responses(task_meta, [r for r in train_records if task is None or r.get("task") == task])
-        desc = f"{mode} {task or ''}".strip()
+        candidates = candidate_responses(task, [r for r in train_records
+                                                if not meta.multi_task or r.get("task") == task.name])
+        desc = f"{mode} {task.name if meta.multi_task else ''}".strip()
         probs = None
         if mode == "rank":
             scores = torch.cat(_run_shard(
@@ -233,7 +209,7 @@ def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank",
                 group, distributed))
             preds = best_labels(scores, candidates)
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]
-            if kind != "multi-label":  # one candidate per class, in class order
+            if kind != MULTI_LABEL:  # one candidate per class, in class order
                 probs = torch.softmax(scores.float(), dim=1).numpy()
         else:
             new_tokens = max_new_tokens or default_max_new_tokens(inputs, candidates)
@@ -249,9 +225,10 @@ def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank",
                            metrics=scored["metrics"])
         if mode == "generate":
             task_report["metrics_parsable"] = scored["metrics_parsable"]
-        out["tasks"][task or meta.get("dataset", "task")] = task_report
+        out["tasks"][task.name] = task_report
         for i, record in enumerate(group):
-            sample = dict(id=record.get("id"), image=record["image"], task=task, label=truths[i],
+            sample = dict(id=record.get("id"), image=record["image"], task=task.name if meta.multi_task else None,
+                          label=truths[i],
                           label_names=[names[c] for c in truths[i]], answer=answers[i], parsable=preds[i] is not None,
                           prediction=preds[i],
                           prediction_names=None if preds[i] is None else [names[c] for c in preds[i]],

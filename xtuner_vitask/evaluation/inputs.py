@@ -16,36 +16,22 @@ import torch
 from ..errors import VITaskError
 
 
-def read_image(path, hint="check the record's 'image' path"):
-    """The image at ``path`` as RGB; one VITaskError line (naming the file and ``hint``) when it cannot be."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path):
+    """The image as 8-bit RGB through the project's one reader (16-bit and float images rescaled as in training)."""
+    from ..data.images import read_image as read_8bit
+
+    return read_8bit(path, "RGB")
+
+
+def check_image_file(path, fix):
+    """The image's header and integrity (cheap: no decoding) before a model loads; one VITaskError naming
+    the file, what is wrong and ``fix``."""
+    from ..data.images import probe_image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise VITaskError(f"image {path} does not exist: {hint}") from None
-    except IsADirectoryError:
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise VITaskError(f"cannot read image {path} ({type(err).__name__}: it is not a PNG/JPEG/TIFF image): "
-                          f"{hint}") from None
-
-
-def check_image_file(path, hint):
-    """Open the image header only (cheap): the error of :func:`read_image` up front, before a model loads."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path):
-            return
-    except FileNotFoundError:
-        raise VITaskError(f"image {path} does not exist: {hint}") from None
-    except IsADirectoryError:
-        raise VITaskError(f"image {path} is a folder, not an image: {hint}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise VITaskError(f"cannot read image {path} ({type(err).__name__}: it is not a PNG/JPEG/TIFF image): "
-                          f"{hint}") from None
+        probe_image(path)
+    except VITaskError as err:
+        raise VITaskError(f"{path}: {err}: {fix}") from None
 
 
 def human_turn(record):

@@ -16,22 +16,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..contract import MULTI_LABEL
 from ..errors import VITaskError
+from ..formats import format_response
 from .inputs import human_turn
 
 STRATEGIES = ("shared-prefix", "full-sequence")
 
 
-def candidate_responses(task_meta, train_records=None):
-    """Responses to rank, with the label indices each stands for.
+def candidate_responses(task, train_records=None):
+    """Responses to rank for a task (the contract's TaskMeta), with the label indices each stands for.
 
     Single-label tasks: one per class (its label name), in class order. Multi-label tasks: "no
     finding", each single finding, and every other combination seen in ``train_records``.
     """
-    from ..data.medmnist import format_response
-
-    names, kind = task_meta["label_names"], task_meta["task_type"]
-    if kind != "multi-label":
+    names, kind = list(task.label_names), task.task_type
+    if kind != MULTI_LABEL:
         return [(format_response(kind, names, [c]), [c]) for c in range(len(names))]
     combos = {(): None, **{(c,): None for c in range(len(names))}}
     for record in train_records or ():

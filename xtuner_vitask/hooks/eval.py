@@ -78,8 +78,8 @@ class VITaskEvalHook(Hook):
 
     # ---- setup ---------------------------------------------------------------------------------
     def before_train(self, runner):
-        from ..tsm.dataset import load_meta
-        from ..evaluation.evaluate import read_records, task_metas
+        from ..contract import load_meta, meta_beside
+        from ..evaluation.evaluate import read_records
         from ..evaluation.inputs import ModelInputs
 
         dataset = runner.train_dataloader.dataset
@@ -91,16 +91,15 @@ class VITaskEvalHook(Hook):
             raise VITaskError(f"VITaskEvalHook: val data {self.data_file} does not exist: set data_file=... in the "
                               "hook's config (or convert the data with a val split)")
         self.image_folder = osp.dirname(osp.abspath(self.data_file))
-        self.meta = load_meta(osp.join(self.image_folder, "meta.json"))
+        self.meta = load_meta(meta_beside(self.data_file))
         self.records = read_records(self.data_file, self.meta, self.max_samples)
         self.train_records = list(dataset.data)
         self.inputs = ModelInputs(dataset, tsm_transform=getattr(dataset, "tsm_transform", None))
         self.exemplars = getattr(dataset, "exemplars", None)
         self.ep_modes = (False, True) if self._can_rank_with_ep(unwrap(runner.model)) else (False,)
         keys = {f"{m}_{'ep' if ep else 'no_ep'}" for m in ("accuracy", "macro_f1") for ep in self.ep_modes}
-        tasks = task_metas(self.meta)
-        if None not in tasks:
-            keys |= {f"{t}/{k}" for t in tasks for k in set(keys)}
+        if self.meta.multi_task:
+            keys |= {f"{t}/{k}" for t in self.meta.tasks for k in set(keys)}
         if self.save_best and self.best_key not in keys:
             raise VITaskError(f"VITaskEvalHook best_key={self.best_key!r} is not a metric it logs ({', '.join(sorted(keys))}): "
                               "set best_key to one of them, or save_best=False")
@@ -157,7 +156,7 @@ class VITaskEvalHook(Hook):
                                    train_records=self.train_records, exemplars=self.exemplars if use_ep else None,
                                    progress=False, distributed=True)
             suffix = "ep" if use_ep else "no_ep"
-            if len(out["tasks"]) > 1 or self.meta.get("task_type") == "multi-task":
+            if self.meta.multi_task:
                 for task, rep in out["tasks"].items():
                     for key in ("accuracy", "macro_f1"):
                         results[f"{task}/{key}_{suffix}"] = rep["metrics"][key]

@@ -1,7 +1,7 @@
 """A conversation about one image with an exported model, prompts built exactly like the training
 prompts (the evaluation's :class:`~xtuner_vitask.evaluation.inputs.ModelInputs`)."""
 from ..errors import VITaskError
-from ..evaluation.inputs import ModelInputs, read_image
+from ..evaluation.inputs import ModelInputs, check_image_file, read_image
 
 IMAGE_HINT = "pass a PNG, JPEG or TIFF file with --image"
 
@@ -41,7 +41,8 @@ class ChatSession:
         from ..models.internvl import resolve_dtype
 
         info = inspect_export(model_dir, need_ep=bool(use_ep))
-        image = read_image(image_path, hint=IMAGE_HINT)
+        check_image_file(image_path, IMAGE_HINT)
+        image = read_image(image_path)
         template = resolve_template(prompt_template, info.config.get("template"))
         self.has_ep = info.has_ep
         self.use_ep = info.has_ep if use_ep is None else bool(use_ep)

@@ -5,12 +5,14 @@ Exports resolve lazily: importing this package does not pay for XTuner and trans
 """
 import importlib
 
-from .._compat import allow_training_state_loads, one_line_user_errors
+from .._compat import allow_training_state_loads
+from ..errors import install_excepthook
 
 # install.sh's import hook already did this when mmengine loaded; without it (a plain pip install) this still
-# covers mmengine's own resume, which runs after the model is built (not XTuner's earlier seed read).
+# covers mmengine's own resume, which runs after the model is built (not XTuner's earlier seed read), and
+# pth_to_hf's refusals.
 allow_training_state_loads()
-one_line_user_errors()
+install_excepthook()
 
 _EXPORTS = {"InternVL2": ".internvl", "VITaskInternVL": ".vitask"}
 __all__ = list(_EXPORTS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -17,8 +16,9 @@ import re
 import torch
 
 from .._compat import training_state_globals
+from ..contract import MULTI_LABEL, MULTI_TASK, load_meta, parse_meta
 from ..errors import VITaskError
-from .model import MULTI_LABEL, TSM_FORMAT, TaskSpecificModel
+from .model import TSM_FORMAT, TaskSpecificModel
 
 
 def tsm_checksum(path: str) -> str:
@@ -169,10 +169,8 @@ def load_tsm(checkpoint: str, config=None, device: str | None = None) -> TaskSpe
 def check_tsm_matches_meta(tsm: TaskSpecificModel, meta) -> None:
     """Refuse a TSM whose classes do not match the data's meta.json (a dict or a path)."""
     where = meta if isinstance(meta, (str, os.PathLike)) else "meta.json"
-    if isinstance(meta, (str, os.PathLike)):
-        with open(meta, encoding="utf-8") as f:
-            meta = json.load(f)
-    if meta.get("task_type") == "multi-task":
+    meta = load_meta(meta).raw if isinstance(meta, (str, os.PathLike)) else parse_meta(meta).raw
+    if meta.get("task_type") == MULTI_TASK:
         # offsets are the model's own business (labels stay local): names, sizes and kinds must agree
         data_tasks = {k: (int(v["num_classes"]), v["task_type"]) for k, v in meta["tasks"].items()}
         if not tsm.joint:

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..contract import META_FILE, read_jsonl
 from ..ep.exemplar_tsm import FEATURE_KINDS, tsm_transform
 from ..errors import VITaskError
-from .dataset import load_rgb_image, read_jsonl
+from .dataset import load_rgb_image
 from .model import TaskSpecificModel
 
 FORMAT_VERSION = 1
@@ -131,7 +132,7 @@ def cache_exemplars(tsm_checkpoint: str, sources, out_file: str, kind: str = "cl
     for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
         src = str(src)  # a TSM of another data set would give meaningless exemplars
         folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-        meta = os.path.join(folder, "meta.json")
+        meta = os.path.join(folder, META_FILE)
         if os.path.isfile(meta):
             check_tsm_matches_meta(tsm, meta)
         elif os.path.isdir(src):

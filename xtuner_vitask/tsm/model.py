@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 
+from ..contract import MULTI_CLASS, MULTI_LABEL, MULTI_TASK, SINGLE_LABEL_TYPES, load_meta, parse_meta
 from ..ep.exemplar_tsm import check_kind, tsm_features
 from ..errors import VITaskError
 
 TSM_FORMAT = "xtuner_vitask.tsm/1"
-SINGLE_LABEL_TYPES = ("multi-class", "binary", "ordinal")
-MULTI_LABEL = "multi-label"
 
 
 
@@ -140,15 +139,13 @@ def classes_from_meta(meta, num_classes=None, task_type=None, tasks=None) -> tup
     A merged multi-task meta.json gives the joint layout (``tasks``); any other gives the head's
     class count (its label names) and task type.
     """
-    from .dataset import load_meta
-
     where = str(meta) if isinstance(meta, (str, os.PathLike)) else "meta"
-    meta = load_meta(str(meta)) if isinstance(meta, (str, os.PathLike)) else meta
-    if meta["task_type"] == "multi-task":
+    meta = load_meta(meta).raw if isinstance(meta, (str, os.PathLike)) else parse_meta(meta).raw
+    if meta["task_type"] == MULTI_TASK:
         if num_classes is not None and num_classes != len(meta["label_names"]):
             raise VITaskError(f"num_classes={num_classes} but {where} is a merged set of {len(meta['label_names'])} "
                               "classes: drop num_classes (the meta.json gives it)")
-        return None, task_type or "multi-class", dict(meta["tasks"])
+        return None, task_type or MULTI_CLASS, dict(meta["tasks"])
     n = len(meta["label_names"])
     for name, given, found in (("num_classes", num_classes, n), ("task_type", task_type, meta["task_type"])):
         if given is not None and given != found:
@@ -228,12 +225,12 @@ class TaskSpecificModel(BaseModel):
         check_timm_name(model_name)
         if meta is not None:
             num_classes, task_type, tasks = classes_from_meta(meta, num_classes, task_type, tasks)
-        task_type = task_type or "multi-class"
+        task_type = task_type or MULTI_CLASS
         self.layout = build_task_layout(num_classes, task_type, dict(tasks) if tasks else None)
         self.joint = bool(tasks)
         self.model_name = model_name
         self.num_classes = max(sl.stop for sl in self.layout.values())
-        self.task_type = "multi-task" if self.joint else task_type
+        self.task_type = MULTI_TASK if self.joint else task_type
         self.img_size = int(img_size)
         default_mean, default_std = timm_normalization(model_name)
         self.mean = tuple(mean) if mean is not None else default_mean
