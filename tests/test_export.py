@@ -141,7 +141,18 @@ def random_tsm_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def trained_wrapper(tiny_model, tsm_checkpoint, ep_mode):
+@pytest.fixture(scope="module")
+def tiny_internlm2(tmp_path_factory):
+    """InternVL2-2B's LLM family: InternLM2's remote code (eager attention, legacy tuple KV caches)."""
+    from xtuner_vitask.testing import build_tiny_internvl
+
+    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_internlm2", llm="internlm2"))
+
+
+LORA_TARGETS = {"qwen2": ["q_proj", "v_proj"], "internlm2": ["attention.wqkv", "attention.wo"]}
+
+
+def trained_wrapper(tiny_model, tsm_checkpoint, ep_mode, llm="qwen2"):
     """A VITaskInternVL whose LoRA and connector are not at their initial values (so the merge matters)."""
     from mmengine.config import ConfigDict
     from peft import LoraConfig
@@ -149,8 +160,9 @@ def trained_wrapper(tiny_model, tsm_checkpoint, ep_mode):
     from xtuner_vitask.models import VITaskInternVL
 
     torch.manual_seed(2)
+    lora = ConfigDict(dict(LORA, type=LoraConfig, target_modules=LORA_TARGETS[llm]))
     wrapper = VITaskInternVL(tiny_model, tsm=dict(checkpoint=tsm_checkpoint), ep_mode=ep_mode, freeze_llm=True,
-                             llm_lora=ConfigDict(dict(LORA, type=LoraConfig)), attn_implementation="sdpa",
+                             llm_lora=lora, attn_implementation="sdpa" if llm == "qwen2" else "eager",
                              torch_dtype="float32", activation_checkpointing=False)
     with torch.no_grad():
         for name, param in wrapper.named_parameters():
@@ -192,15 +204,17 @@ def rows_of(logits, labels):
     return logits[0, :-1][labels[0, 1:] != -100]
 
 
-@pytest.mark.parametrize("ep_mode", ["cls", "all", "rep"])
-def test_exported_ep_logits_equal_the_training_wrappers(tmp_path, tiny_model, random_tsm_checkpoint, ep_mode):
+@pytest.mark.parametrize("llm, ep_mode", [("qwen2", "cls"), ("qwen2", "all"), ("qwen2", "rep"), ("internlm2", "cls")])
+def test_exported_ep_logits_equal_the_training_wrappers(request, tmp_path, random_tsm_checkpoint, llm, ep_mode):
     """Same image, same prompt: the export's EP and plain logits are the training wrapper's (stated tolerance),
     through AutoModel, through generate (left-padded splice, KV cache) and through load_export_model (eval)."""
     from xtuner_vitask.export import export_to_hf, inspect_export, load_export_model
 
-    wrapper = trained_wrapper(tiny_model, random_tsm_checkpoint, ep_mode)
-    folder = tmp_path / f"parity_{ep_mode}"  # a distinct name: transformers caches remote code per folder name
-    shard = {"max_shard_size": "1MB"} if ep_mode == "cls" else {}  # the sharded layout loads the same
+    tiny = request.getfixturevalue("tiny_model" if llm == "qwen2" else "tiny_internlm2")
+    wrapper = trained_wrapper(tiny, random_tsm_checkpoint, ep_mode, llm)
+    folder = tmp_path / f"parity_{llm}_{ep_mode}"  # a distinct name: transformers caches remote code per folder
+    sharded = (llm, ep_mode) == ("qwen2", "cls")
+    shard = {"max_shard_size": "1MB"} if sharded else {}  # the sharded layout loads the same
     old_umask = os.umask(0o022)
     try:
         export_to_hf(wrapper, save_dir=str(folder), fp32=True, save_pretrained_kwargs=shard)
@@ -208,7 +222,7 @@ def test_exported_ep_logits_equal_the_training_wrappers(tmp_path, tiny_model, ra
         os.umask(old_umask)
     assert os.stat(folder).st_mode & 0o777 == 0o755  # readable like any model folder, not mkdtemp's 0700
     shards = sorted(f for f in os.listdir(folder) if f.startswith("model-"))
-    if ep_mode == "cls":
+    if sharded:
         assert len(shards) >= 2 and os.path.isfile(folder / "model.safetensors.index.json")
         assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     else:
@@ -229,7 +243,7 @@ def test_exported_ep_logits_equal_the_training_wrappers(tmp_path, tiny_model, ra
         embeds, mask = model.ep_inputs_embeds(ids, torch.ones_like(ids), pixel_values=pixels,
                                               tsm_pixel_values=tsm_pixels)
         exported_ep = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
-        exported_plain = model(pixel_values=pixels, input_ids=ids).logits
+        exported_plain = model(pixel_values=pixels, input_ids=ids, image_flags=torch.ones(1, 1, dtype=torch.long)).logits
     torch.testing.assert_close(rows_of(exported_ep, ep_labels), ep, **PARITY_TOL)
     torch.testing.assert_close(rows_of(exported_plain, labels), plain, **PARITY_TOL)
     # generate: the first new token's scores are the EP logits at the prompt's last position
@@ -239,7 +253,7 @@ def test_exported_ep_logits_equal_the_training_wrappers(tmp_path, tiny_model, ra
     torch.testing.assert_close(scores[0], ep[0], **PARITY_TOL)
     # what `xtuner-vitask eval` loads: the project's wrapper around the export
     loaded = load_export_model(inspect_export(str(folder), need_ep=True), use_ep=True, torch_dtype="float32",
-                               attn_implementation="sdpa")
+                               attn_implementation="sdpa" if llm == "qwen2" else "eager")
     loaded_plain, loaded_ep, _ = wrapper_logits(loaded, ids, labels, pixels, tsm_pixels)
     torch.testing.assert_close(loaded_ep, ep, **PARITY_TOL)
     torch.testing.assert_close(loaded_plain, plain, **PARITY_TOL)
