@@ -333,12 +333,11 @@ def test_ep_export_chats_with_exemplars_from_the_tiles_or_given(exports):
     assert type(model).__name__ == "VITaskInternVLChatModel" and model.tsm is not None
     assert not any(k.startswith("tsm.") for k in model.state_dict())
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    query = model._build_query(QUESTION, None, [1], "<img>", "</img>", "<IMG_CONTEXT>")[1]
-    ids = tokenizer(query, return_tensors="pt")
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    ids, _, n_prompt, model.img_context_token_id = prompt_batch(exports["ep"], model.num_image_token)
+    ids = ids[:, :n_prompt]
 
     def first_scores(**kwargs):
-        return model.generate(pixel_values=pixels, input_ids=ids.input_ids, attention_mask=ids.attention_mask,
+        return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
                               max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True,
                               **kwargs).scores[0]
 

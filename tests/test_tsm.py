@@ -531,7 +531,8 @@ def test_tiny_tsm_trains_through_xtuner_train_tool(tmp_path):
     print(f"\ntiny TSM val per epoch: {[(round(r['accuracy'], 3), round(r['macro_f1'], 3)) for r in vals]}")
     # chance on 7 balanced-ish classes: accuracy ~0.14-0.2, macro-F1 well below 0.2
     assert best > 0.45 and vals[-1]["accuracy"] > 0.5
-    assert all(0.0 <= r["auc"] <= 1.0 for r in vals)
+    # AUC from chance (measured 0.52 after epoch 1) to well above it (0.98 by epoch 6): the metric ranks scores
+    assert vals[0]["auc"] < 0.75 and max(r["auc"] for r in vals) > 0.85
     best_ckpt = glob.glob(str(work_dir / "best_macro_f1_epoch_*.pth"))
     assert len(best_ckpt) == 1
     # the trained TSM loads frozen (config from the file, or from the checkpoint itself) and caches exemplars
