@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny InternVL2, a generated MedMNIST-layout set, a tiny TSM, and a
-runner for XTuner's real train tool (its exit status is checked; the `xtuner` CLI drops it)."""
+"""Shared fixtures: tiny InternVL2 checkpoints (InternLM2 by default; Qwen2 and Phi3), a generated
+MedMNIST-layout set, a tiny TSM, and a runner for XTuner's real train tool (its exit status is checked;
+the `xtuner` CLI drops it)."""
 import glob
 import os
 import socket
@@ -41,11 +42,28 @@ def run_train(config, work_dir, *cfg_options, deepspeed=None, resume=None, timeo
     return proc
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def _tiny(tmp_path_factory, llm):
     from xtuner_vitask.testing import build_tiny_internvl
 
-    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_qwen2", llm="qwen2"))
+    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / f"tiny_{llm}", llm=llm))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The default test checkpoint: InternVL2-2B's layout and InternLM2 remote code, tiny and random."""
+    return _tiny(tmp_path_factory, "internlm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_qwen2(tmp_path_factory):
+    """InternVL2-1B's layout: transformers' Qwen2 (SDPA, Cache objects), byte-level BPE tokenizer."""
+    return _tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_phi3(tmp_path_factory):
+    """InternVL2-4B's layout with transformers' Phi3 (fused qkv_proj/gate_up_proj)."""
+    return _tiny(tmp_path_factory, "phi3")
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,12 @@ from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
 from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.models import VITaskInternVL
 
-LORA = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-            task_type="CAUSAL_LM")
+LORA = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="auto", task_type="CAUSAL_LM")
 
 
 def build(tiny_model, tiny_tsm, data, **kw):
     torch.manual_seed(0)
-    return VITaskInternVL(tiny_model, freeze_llm=True, attn_implementation="sdpa", torch_dtype="float32",
+    return VITaskInternVL(tiny_model, freeze_llm=True, attn_implementation="auto", torch_dtype="float32",
                           activation_checkpointing=False, llm_lora=LORA,
                           tsm=dict(checkpoint=tiny_tsm, meta=f"{data}/meta.json"), **kw)
 
