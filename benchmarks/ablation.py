@@ -70,7 +70,6 @@ def run_seed(seed, out, settings, cache, save, echo):
     data = demo.make_data(root, settings.flag, n_per_split=settings.n_per_split, seed=seed)
     data_inc = demo.make_data(root, settings.flag, n_per_split=settings.n_per_split, seed=seed,
                               instruction_variant="incomplete")
-    meta = demo.read_meta(data)
     model_dir = demo.build_vlm(out, settings.vlm_image_size)
     runs = root / "runs"
 
@@ -86,7 +85,7 @@ def run_seed(seed, out, settings, cache, save, echo):
 
     tsm_work = runs / "tsm"
     if not list(tsm_work.glob("best_macro_f1_epoch_*.pth")):
-        demo.train("tsm", tsm_work, demo.tsm_options(data, len(meta["label_names"]), settings.tsm_epochs, seed),
+        demo.train("tsm", tsm_work, demo.tsm_options(data, settings.tsm_epochs, seed),
                    "tsm", root / "logs", quiet)
     tsm_ckpt = demo.best_tsm_checkpoint(tsm_work)
     timed("tsm", lambda: {k: v for k, v in demo.tsm_test_metrics(tsm_ckpt, data).items() if k != "confusion_matrix"})

@@ -88,7 +88,7 @@ def tiny_tsm(tmp_path_factory, derma_data):
     d = derma_data
     run_train("configs/tsm_tiny_cpu.py", work, f"train_dataloader.dataset.data_file={d}/train.jsonl",
               f"val_dataloader.dataset.data_file={d}/val.jsonl", f"test_dataloader.dataset.data_file={d}/test.jsonl",
-              "model.num_classes=7", "train_cfg.max_epochs=3")
+              f"model.meta={d}/meta.json", "train_cfg.max_epochs=3")
     return glob.glob(str(work / "best_*.pth"))[0]
 
 

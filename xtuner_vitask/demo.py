@@ -187,10 +187,10 @@ def best_tsm_checkpoint(work_dir):
     return found[-1]
 
 
-def tsm_options(data_dir, num_classes, epochs, seed=0):
+def tsm_options(data_dir, epochs, seed=0):
     d = Path(data_dir)
     return [f"train_dataloader.dataset.data_file={d}/train.jsonl", f"val_dataloader.dataset.data_file={d}/val.jsonl",
-            f"test_dataloader.dataset.data_file={d}/test.jsonl", f"model.num_classes={num_classes}",
+            f"test_dataloader.dataset.data_file={d}/test.jsonl", f"model.meta={d}/meta.json",
             f"train_cfg.max_epochs={epochs}", "default_hooks.logger.interval=1", f"randomness.seed={seed}"]
 
 
@@ -226,9 +226,9 @@ def tsm_test_metrics(checkpoint, data_dir, split="test", batch_size=64):
     import numpy as np
     import torch
 
-    from .datasets.classification import ImageClassificationDataset, tsm_collate
+    from .tsm.dataset import ImageClassificationDataset, tsm_collate
     from .evaluation.metrics import classification_metrics
-    from .models.tsm import load_tsm
+    from .tsm.checkpoint import load_tsm
 
     tsm = load_tsm(str(checkpoint)).eval()
     data = ImageClassificationDataset(Path(data_dir) / f"{split}.jsonl", img_size=tsm.img_size, mean=tsm.mean,
@@ -348,7 +348,7 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     model_dir = build_vlm(out, settings.vlm_image_size)
 
     step("TSM: tiny ViT classifier trained on the task")
-    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, len(meta["label_names"]), settings.tsm_epochs, seed),
+    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, settings.tsm_epochs, seed),
                      "tsm", logs, echo)
     tsm_ckpt = best_tsm_checkpoint(tsm_work)
 

@@ -71,12 +71,12 @@ def exemplar_inputs(batch, exemplars, device):
 
 def splice_exemplars(model, embeds, mask, labels, input_ids, data, repeat=1):
     """Embeddings with the EP tokens put where training puts them (the model's own spans and splice)."""
-    from ..models.vitask import splice_tokens
+    from ..ep.exemplar_prompting import splice_exemplars as splice
 
     tokens = model.exemplar_tokens(data)
     if repeat > 1:
         tokens = tokens.repeat_interleave(repeat, dim=0)
-    return splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+    return splice(embeds, mask, model.exemplar_spans(input_ids), tokens, labels=labels)
 
 
 @torch.no_grad()

@@ -29,6 +29,10 @@ from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (r
 from .lora import resolve_lora_config
 
 
+class ConfigMismatchError(VITaskError, AttributeError):
+    """A checkpoint's tensor has no place in the model the config builds (an AttributeError for ``hasattr``)."""
+
+
 def resolve_dtype(name):
     """'auto' -> bfloat16 on CUDA, float32 on CPU (bf16 updates of small CPU models round away)."""
     if name == "auto":
@@ -109,6 +113,17 @@ class InternVL2(InternVL_V1_5):
             self.model.mlp1.requires_grad_(False)
         if not activation_checkpointing:
             self.gradient_checkpointing_disable()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "connector":
+                raise
+        # XTuner's pth_to_hf puts every tensor of the checkpoint into the model built from the config
+        raise ConfigMismatchError(f"the checkpoint holds VITask's exemplar connector but the config builds the "
+                                  f"vanilla {type(self).__name__}: convert it with the VITask config it was trained "
+                                  "with (the copy in its work_dir)") from None
 
     def _prepare_llm_for_lora(self, lora_config, use_activation_checkpointing=True):
         """XTuner's LoRA setup, after "auto" targets/head are resolved and every entry is checked against
