@@ -18,7 +18,7 @@ from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
 
 from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
-from xtuner_vitask.hooks import VITaskEvalHook, VITaskStageHook
+from xtuner_vitask.hooks import VITaskEvalHook, VITaskStageHook, optimizer_with_connector_group
 from xtuner_vitask.models import VITaskInternVL
 
 #######################################################################
@@ -100,10 +100,13 @@ train_dataloader = dict(
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
+# The connector gets an optimizer group of its own, which stage 2 pins to lr = weight_decay = 0 (VITaskStageHook):
+# under DeepSpeed that is what keeps it frozen; XTuner's --deepspeed keeps this `optimizer` dict.
 optim_wrapper = dict(
     type=AmpOptimWrapper,
     dtype="bfloat16",
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    optimizer=dict(type=optimizer_with_connector_group, optimizer_type=AdamW, lr=lr, betas=betas,
+                   weight_decay=weight_decay),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
 )

@@ -21,6 +21,7 @@ from xtuner.model import InternVL_V1_5
 
 from ..errors import VITaskError
 from . import losses
+from .zero3_cpu import make_cpu_all_gathers_complete
 
 
 def resolve_attn_implementation(name):
@@ -85,6 +86,7 @@ def _load_overrides(attn_implementation, torch_dtype):
         def from_pretrained(path, *args, config=None, **kwargs):
             set_attn_implementation(config, attn_implementation)
             kwargs["torch_dtype"] = torch_dtype
+            make_cpu_all_gathers_complete()  # ZeRO-3 on CPU: no parameter used half-gathered (zero3_cpu.py)
             return real_auto_model.from_pretrained(path, *args, config=config, **kwargs)
 
     xtuner_internvl.AutoModel = _AutoModel

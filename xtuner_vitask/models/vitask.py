@@ -16,6 +16,10 @@ from .connector import ExemplarConnector
 from .internvl import InternVL2
 
 EP_MODES = ("cls", "all", "rep")
+# Parameters carry their optimizer group under this attribute (the optimizer is built from model.parameters()
+# alone, by every engine): the connector has a group of its own, which stage 2 pins to lr = weight_decay = 0.
+PARAM_GROUP_ATTR = "vitask_param_group"
+CONNECTOR_GROUP = "connector"
 
 
 def splice_tokens(embeds, attention_mask, labels, spans, tokens):
@@ -88,11 +92,18 @@ class VITaskInternVL(InternVL2):
                               "cache, exemplar_dim=<TSM feature size>")
         llm_hidden = self.model.language_model.get_input_embeddings().embedding_dim
         self.connector = ExemplarConnector(exemplar_dim, llm_hidden)
+        for param in self.connector.parameters():
+            setattr(param, PARAM_GROUP_ATTR, CONNECTOR_GROUP)
         self.stage = 1
 
     # ---- stages ---------------------------------------------------------------------------
     def set_stage(self, stage):
-        """Stage 1: connector trainable. Stage 2: connector frozen, CRT on (eq. 7)."""
+        """Stage 1: connector trainable. Stage 2: connector frozen, CRT on (eq. 7).
+
+        Freezing here means no gradient (``requires_grad=False``; the connector also runs under no_grad);
+        ``VITaskStageHook`` adds what keeps it bit-identical under every engine (its optimizer group at
+        lr = weight_decay = 0: DeepSpeed steps its flat partitions with zero gradients).
+        """
         if stage not in (1, 2):
             raise VITaskError(f"stage={stage}: VITask has stages 1 and 2")
         self.stage = stage
