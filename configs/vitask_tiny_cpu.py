@@ -31,7 +31,7 @@ train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.j
                                 max_length=512)
 
 optim_wrapper = dict(type=OptimWrapper, clip_grad=dict(max_norm=1.0),
-                     optimizer=dict(type=optimizer_with_connector_group, optimizer_type=AdamW,  # noqa: F405
+                     optimizer=dict(type=optimizer_with_param_groups, optimizer_type=AdamW,  # noqa: F405
                                     lr=2e-3, weight_decay=0.0))
 param_scheduler = [dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=0)]
 custom_hooks = [

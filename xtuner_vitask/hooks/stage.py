@@ -5,8 +5,8 @@ Stage 2 freezes the exemplar connector. ``requires_grad=False`` alone is enough 
 when the engine starts, gives a parameter without a gradient zeros, and steps AdamW over the whole
 partition, so stage 1's momentum and the weight decay keep moving a "frozen" connector. Hence:
 
-- ``optimizer_with_connector_group`` puts the connector's parameters in an optimizer group of their own
-  (every engine builds its optimizer from this one function; DeepSpeed keeps the groups it is given);
+- the connector's parameters have an optimizer group of their own (``engine.param_groups``: every engine
+  builds its optimizer through ``optimizer_with_param_groups``; DeepSpeed keeps the groups it is given);
 - the hook pins that group's ``lr`` and ``weight_decay`` to 0 before every stage-2 step, after whatever
   the LR schedulers wrote, so AdamW's update of the connector is exactly zero under every engine.
 
@@ -20,25 +20,10 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
-from torch.optim import AdamW
 
+from ..engine.param_groups import find_param_group
 from ..errors import VITaskError
-from ..models.vitask import CONNECTOR_GROUP, PARAM_GROUP_ATTR
-
-
-def optimizer_with_connector_group(params, optimizer_type=AdamW, **kwargs):
-    """``optimizer_type(groups, **kwargs)`` with the connector's parameters in a group named 'connector'.
-
-    Use it as the optimizer ``type`` of a VITask config (mmengine and XTuner's DeepSpeed path both pass it
-    ``model.parameters()``); every other parameter stays in the first group, as with a plain optimizer.
-    """
-    params = list(params)
-    connector = [p for p in params if getattr(p, PARAM_GROUP_ATTR, None) == CONNECTOR_GROUP]
-    rest = [p for p in params if getattr(p, PARAM_GROUP_ATTR, None) != CONNECTOR_GROUP]
-    groups = [dict(params=rest)]
-    if connector:
-        groups.append(dict(params=connector, name=CONNECTOR_GROUP))
-    return optimizer_type(groups, **kwargs)
+from ..models.vitask import CONNECTOR_GROUP
 
 
 @HOOKS.register_module()
@@ -93,10 +78,10 @@ class VITaskStageHook(Hook):
 
     @staticmethod
     def _connector_group(runner):
-        groups = [g for g in runner.optim_wrapper.param_groups if g.get("name") == CONNECTOR_GROUP]
-        if len(groups) != 1:
+        group = find_param_group(runner.optim_wrapper, CONNECTOR_GROUP)
+        if group is None:
             raise VITaskError(
                 "the optimizer has no 'connector' parameter group, so stage 2 cannot freeze the connector under "
-                "DeepSpeed: build it with optimizer=dict(type=optimizer_with_connector_group, lr=..., ...) "
-                "(xtuner_vitask.hooks), as configs/vitask/_base_vitask_internvl2.py does")
-        return groups[0]
+                "DeepSpeed: set optim_wrapper.optimizer=dict(type=optimizer_with_param_groups, "
+                "optimizer_type=AdamW, lr=..., ...) (xtuner_vitask.engine), as configs/vitask/ do")
+        return group

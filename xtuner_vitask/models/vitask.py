@@ -10,15 +10,14 @@ from collections import OrderedDict
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..engine.param_groups import tag_param_group
 from ..errors import VITaskError
 from . import losses
 from .connector import ExemplarConnector
 from .internvl import InternVL2
 
 EP_MODES = ("cls", "all", "rep")
-# Parameters carry their optimizer group under this attribute (the optimizer is built from model.parameters()
-# alone, by every engine): the connector has a group of its own, which stage 2 pins to lr = weight_decay = 0.
-PARAM_GROUP_ATTR = "vitask_param_group"
+# The connector's optimizer group (engine.param_groups), which stage 2 pins to lr = weight_decay = 0.
 CONNECTOR_GROUP = "connector"
 
 
@@ -92,8 +91,7 @@ class VITaskInternVL(InternVL2):
                               "cache, exemplar_dim=<TSM feature size>")
         llm_hidden = self.model.language_model.get_input_embeddings().embedding_dim
         self.connector = ExemplarConnector(exemplar_dim, llm_hidden)
-        for param in self.connector.parameters():
-            setattr(param, PARAM_GROUP_ATTR, CONNECTOR_GROUP)
+        tag_param_group(self.connector, CONNECTOR_GROUP)
         self.stage = 1
 
     # ---- stages ---------------------------------------------------------------------------
