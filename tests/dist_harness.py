@@ -66,6 +66,8 @@ def run_train_dist(config, work_dir, *cfg_options, nproc=2, deepspeed=None, resu
     cmd += ["--cfg-options", "model_wrapper_cfg.device_ids=None", *cfg_options]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    # DeepSpeed compiles a small C++ op on first use; a folder per venv, because venvs sharing ~/.cache rebuild it
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")

@@ -111,6 +111,9 @@ class InternVL2(InternVL_V1_5):
         self.attn_implementation = resolve_attn_implementation(attn_implementation)
         if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
             llm_lora = ConfigDict(llm_lora)
+        # New weights (LoRA, VITask's connector) start from the run's seed, whatever the runner drew before:
+        # mmengine's DeepSpeed runner builds the model after the dataloaders, its plain runner right after seeding.
+        torch.manual_seed(torch.initial_seed())
         with _load_overrides(self.attn_implementation, resolve_dtype(torch_dtype)):
             super().__init__(model_path, llm_lora=llm_lora, **kwargs)
         self.model_path = model_path
