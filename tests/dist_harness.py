@@ -23,8 +23,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def relabel(src, dst, names):
-    """A copy of the converted set ``src`` whose classes are called ``names`` (images linked, not copied).
+def relabel(src, dst, names, train_samples=None):
+    """A copy of the converted set ``src`` whose classes are called ``names`` (images linked, not copied),
+    with the first ``train_samples`` training records.
 
     The losses are token means per process, and DDP and DeepSpeed average the processes' gradients: one
     process over 8 samples and two over 4 each train the same model only when every response has the same
@@ -40,7 +41,10 @@ def relabel(src, dst, names):
     for name in os.listdir(src):
         if name.endswith(".jsonl"):
             with open(os.path.join(src, name)) as fin, open(os.path.join(dst, name), "w") as fout:
-                for line in fin:
+                lines = fin.readlines()
+                if name == "train.jsonl" and train_samples:
+                    lines = lines[:train_samples]
+                for line in lines:
                     record = json.loads(line)
                     human, gpt = record["conversations"]
                     human["value"] = human["value"].replace(old, new)

@@ -2,7 +2,7 @@
 and 1 process, 2-process DDP and DeepSpeed ZeRO-2/3 (gloo on CPU) train the same model.
 
 The fast tests pin the mechanism on a toy model; the slow ones run XTuner's train tool under torchrun
-(tests/dist_harness.py) on the tiny InternVL2, 24 iterations with the switch at 12, 4 samples per process.
+(tests/dist_harness.py) on the tiny InternVL2, 12 iterations with the switch at 6, 4 samples per process.
 """
 import glob
 import json
@@ -138,17 +138,17 @@ def test_drawn_negatives_do_not_depend_on_the_batch(tiny_model, derma_data):
 
 
 # ------------------------------------------------------------------------------------ 2 processes
-ITERS, SWITCH = 24, 12  # 96 samples: 12 iterations per epoch with 8 samples per iteration
+TRAIN_SAMPLES, ITERS, SWITCH, EVERY = 48, 12, 6, 2  # 6 iterations per epoch, 8 samples each; a checkpoint every 2
 COMMON = ("optim_wrapper.optimizer.weight_decay=0.05",  # a connector moved by AdamW in stage 2 would show
           "train_dataloader.collate_fn.negatives_from_batch=False",  # CRT negatives independent of the split
           "custom_hooks.1.max_samples=11", "custom_hooks.1.save_best=False",  # one evaluation, at the end
-          "default_hooks.checkpoint.interval=4", "default_hooks.checkpoint.max_keep_ckpts=-1")
+          f"default_hooks.checkpoint.interval={EVERY}", "default_hooks.checkpoint.max_keep_ckpts=-1")
 TWO_PROCESSES = ("train_dataloader.batch_size=4", "log_level=DEBUG")  # DEBUG: mmengine writes one log per rank
 ENGINES = {"ddp": None, "zero2": "configs/deepspeed/zero2_cpu.json", "zero3": "configs/deepspeed/zero3_cpu.json"}
 # Same model on every engine, as the relative norm of the difference ||a - b|| / ||a|| over the connector's
 # tensors and over the LoRA tensors (measured: see the README); a different partition of the same
 # gradient sums in another order, and AdamW magnifies that in elements whose gradient is near zero.
-SAME_MODEL = 1e-4
+SAME_MODEL = 1e-5
 
 
 def rows(work_dir, key="loss"):
@@ -197,7 +197,8 @@ def relative_difference(a, b):
 
 @pytest.fixture(scope="module")
 def letters_data(tmp_path_factory, derma_data):
-    return relabel(derma_data, tmp_path_factory.mktemp("letters") / "data", names=list("abcdefg"))
+    return relabel(derma_data, tmp_path_factory.mktemp("letters") / "data", names=list("abcdefg"),
+                   train_samples=TRAIN_SAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,7 @@ def test_every_rank_switches_stage_at_the_same_iteration(runs, engine):
 @pytest.mark.parametrize("engine", ["single", "ddp", "zero2", "zero3"])
 def test_connector_is_bit_identical_through_stage_2(runs, engine):
     work = runs(engine)
-    before, switch, end = (trained(work / f"iter_{i}.pth") for i in (SWITCH - 4, SWITCH, ITERS))
+    before, switch, end = (trained(work / f"iter_{i}.pth") for i in (SWITCH - EVERY, SWITCH, ITERS))
     assert part(before, "connector") and any(not torch.equal(before[k], switch[k]) for k in part(before, "connector"))
     for key in part(switch, "connector"):  # DeepSpeed: its fp32 master partitions of both ranks
         assert torch.equal(switch[key], end[key]), key
@@ -251,7 +252,7 @@ def test_connector_is_bit_identical_through_stage_2(runs, engine):
 @pytest.mark.parametrize("engine", ["single", "ddp", "zero2", "zero3"])
 def test_stage_2_checkpoints_are_complete(runs, engine):
     work = runs(engine)
-    checkpoint = work / f"iter_{SWITCH + 4}.pth"
+    checkpoint = work / f"iter_{SWITCH + EVERY}.pth"
     state = trained(checkpoint)
     assert len(part(state, "connector")) == 6 and len(part(state, "lora")) > 0
     if engine != "zero3":  # what a resume loads into the model (ZeRO-3 restores it from the partitions)
@@ -261,7 +262,7 @@ def test_stage_2_checkpoints_are_complete(runs, engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, start, tolerance", [("ddp", SWITCH - 4, 0.0), ("zero2", SWITCH + 4, 1e-5)])
+@pytest.mark.parametrize("engine, start, tolerance", [("ddp", SWITCH - EVERY, 0.0), ("zero2", SWITCH + EVERY, 1e-5)])
 def test_resume_reproduces_the_uninterrupted_run(runs, tmp_path, tiny_model, letters_data, tiny_tsm,
                                                   engine, start, tolerance):
     work = runs(engine)
@@ -289,10 +290,12 @@ def test_every_engine_trains_the_same_model(runs):
             other = trained(runs(engine) / f"iter_{it}.pth")
             for name in ("connector", "lora"):
                 difference = relative_difference(part(single[it], name), part(other, name))
+                print(f"{engine} vs 1 process, iteration {it}, {name}: {difference:.1e}")  # pytest -s shows them
                 assert difference < SAME_MODEL, (engine, it, name, difference)
     ddp = rows(runs("ddp"))  # rank 0's losses on the same 4 samples per step
     for engine in ("zero2", "zero3"):
         other = rows(runs(engine))
+        print(f"{engine} vs ddp, rank-0 losses: {max(abs(other[i]['loss'] / ddp[i]['loss'] - 1) for i in ddp):.1e}")
         for it in ddp:
             assert other[it]["loss"] == pytest.approx(ddp[it]["loss"], rel=1e-5), (engine, it)
 
@@ -313,7 +316,7 @@ def test_eval_metrics_equal_the_1_process_run(runs):
 def test_pth_to_hf_exports_a_deepspeed_stage_2_folder(runs, tmp_path, tiny_model, letters_data, tiny_tsm):
     from safetensors.torch import load_file
 
-    checkpoint = runs("zero2") / f"iter_{SWITCH + 4}.pth"
+    checkpoint = runs("zero2") / f"iter_{SWITCH + EVERY}.pth"
     cmd = [sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf", str(REPO / "configs/vitask_tiny_cpu.py"),
            str(checkpoint), str(tmp_path / "hf"), "--cfg-options", "model.llm=None",
            *vitask_options(tiny_model, letters_data, tiny_tsm)]

@@ -1,5 +1,5 @@
 """End-to-end runs of XTuner's real train tool on the tiny model (CPU): the vanilla recipe,
-VITask through both stages, resume in stage 2, and DeepSpeed ZeRO-2."""
+VITask through both stages, resume in stage 2, and DeepSpeed ZeRO-3 on one process."""
 import glob
 import json
 import os
@@ -71,10 +71,11 @@ def test_connector_is_frozen_in_stage2(vitask_run, tmp_path, tiny_model, derma_d
     assert any(not torch.equal(at_16[k], at_24[k]) for k in lora)
 
 
-def test_vitask_under_deepspeed_zero2_on_cpu(tmp_path, tiny_model, derma_data, tiny_tsm):
+def test_vitask_under_deepspeed_zero3_on_one_process(tmp_path, tiny_model, derma_data, tiny_tsm):
+    # ZeRO-2, and ZeRO-3 on 2 processes: tests/test_distributed.py
     proc = run_train("configs/vitask_tiny_cpu.py", tmp_path,
                      *vitask_options(tiny_model, derma_data, tiny_tsm, "custom_hooks.1.interval=1000"),
-                     deepspeed="configs/deepspeed/zero2_cpu.json")
+                     deepspeed="configs/deepspeed/zero3_cpu.json")
     log = proc.stdout + proc.stderr
     assert "VITask stage 2 from iteration 12" in log and "loss_crt" in log
     assert os.path.exists(tmp_path / "iter_24.pth")
