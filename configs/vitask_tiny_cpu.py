@@ -31,8 +31,9 @@ train_dataloader.update(batch_size=8, num_workers=0)  # noqa: F405
 train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint,  # noqa: F405
                                 max_length=512)
 
-optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=2e-3, weight_decay=0.0),  # noqa: F405
-                     clip_grad=dict(max_norm=1.0))
+optim_wrapper = dict(type=OptimWrapper, clip_grad=dict(max_norm=1.0),
+                     optimizer=dict(type=optimizer_with_param_groups, optimizer_type=AdamW,  # noqa: F405
+                                    lr=2e-3, weight_decay=0.0))
 param_scheduler = [dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=0)]
 custom_hooks = [
     dict(type=VITaskStageHook, switch_epoch=1),  # noqa: F405

@@ -125,13 +125,17 @@ class VITaskDataset(InternVL2Dataset):
         return item
 
 
-def vitask_collate_fn(instances, **kwargs):
+def vitask_collate_fn(instances, negatives_from_batch=True, **kwargs):
     """XTuner's collate plus ids, labels, exemplars / TSM pixels and CRT negatives.
 
     A sample's negative is taken from the batch when another sample there has the same
     instruction and a different response (its image is encoded anyway); only the
     others' dataset-drawn negatives are kept, once per distinct image, so the ViT encodes each
     image once. ``neg_image_index[i]`` indexes the concatenation [batch tiles, extra negatives].
+
+    ``negatives_from_batch=False``: every sample keeps its dataset-drawn negative (a function of the
+    seed and its index; the batch's encoding of that image is reused when it is there), so stage 2
+    trains the same however the batch is split, e.g. 1 process x 8 samples or 2 processes x 4.
     """
     batch = default_collate_fn(instances, **kwargs)
     data = batch["data"]
@@ -146,9 +150,12 @@ def vitask_collate_fn(instances, **kwargs):
         n_tiles = first_tile[-1] + instances[-1]["pixel_values"].shape[0]
         neg_index, extra, extra_slot = [], [], {}
         for i, inst in enumerate(instances):
-            partner = next((j for j, other in enumerate(instances)
-                            if other["instruction_key"] == inst["instruction_key"]
-                            and other["response_key"] != inst["response_key"]), None)
+            if negatives_from_batch:
+                partner = next((j for j, other in enumerate(instances)
+                                if other["instruction_key"] == inst["instruction_key"]
+                                and other["response_key"] != inst["response_key"]), None)
+            else:
+                partner = next((j for j, other in enumerate(instances) if other["id"] == inst["neg_id"]), None)
             if partner is not None:
                 neg_index.append(int(first_tile[partner]))
             else:  # two samples may draw the same negative image: encode it once

@@ -27,6 +27,7 @@ from . import losses
 from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (re-exported)
                         resolve_attn_implementation)
 from .lora import resolve_lora_config
+from .zero3_cpu import make_cpu_all_gathers_complete
 
 
 class ConfigMismatchError(VITaskError, AttributeError):
@@ -80,6 +81,7 @@ def _load_overrides(model_path, attn_implementation, torch_dtype):
             apply_attn_implementation(config, attn_implementation)
             kwargs.update(load_kwargs(config, model_path, attn_implementation))
             kwargs["torch_dtype"] = torch_dtype
+            make_cpu_all_gathers_complete()  # ZeRO-3 on CPU: no parameter used half-gathered (zero3_cpu.py)
             return real_auto_model.from_pretrained(path, *args, config=config, **kwargs)
 
     xtuner_internvl.AutoModel = _AutoModel
@@ -105,6 +107,9 @@ class InternVL2(InternVL_V1_5):
         self.attn_implementation = resolve_attn_implementation(attn_implementation, config, model_path)
         if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
             llm_lora = ConfigDict(llm_lora)
+        # New weights (LoRA, VITask's connector) start from the run's seed, whatever the runner drew before:
+        # mmengine's DeepSpeed runner builds the model after the dataloaders, its plain runner right after seeding.
+        torch.manual_seed(torch.initial_seed())
         with _load_overrides(model_path, self.attn_implementation, resolve_dtype(torch_dtype)):
             super().__init__(model_path, llm_lora=llm_lora, **kwargs)
         self.model_path = model_path

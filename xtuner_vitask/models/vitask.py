@@ -9,10 +9,14 @@ from collections import OrderedDict
 
 import torch
 
+from ..engine.param_groups import tag_param_group
 from ..ep.exemplar_prompting import ExemplarConnector, exemplar_spans, feature_kind, splice_exemplars
 from ..errors import VITaskError
 from . import losses
 from .internvl import InternVL2
+
+# The connector's optimizer group (engine.param_groups), which stage 2 pins to lr = weight_decay = 0.
+CONNECTOR_GROUP = "connector"
 
 
 class VITaskInternVL(InternVL2):
@@ -62,11 +66,17 @@ class VITaskInternVL(InternVL2):
                               "cache, exemplar_dim=<TSM feature size>")
         llm_hidden = self.model.language_model.get_input_embeddings().embedding_dim
         self.connector = ExemplarConnector(exemplar_dim, llm_hidden)
+        tag_param_group(self.connector, CONNECTOR_GROUP)
         self.stage = 1
 
     # ---- stages ---------------------------------------------------------------------------
     def set_stage(self, stage):
-        """Stage 1: connector trainable. Stage 2: connector frozen, CRT on (eq. 7)."""
+        """Stage 1: connector trainable. Stage 2: connector frozen, CRT on (eq. 7).
+
+        Freezing here means no gradient (``requires_grad=False``; the connector also runs under no_grad);
+        ``VITaskStageHook`` adds what keeps it bit-identical under every engine (its optimizer group at
+        lr = weight_decay = 0: DeepSpeed steps its flat partitions with zero gradients).
+        """
         if stage not in (1, 2):
             raise VITaskError(f"stage={stage}: VITask has stages 1 and 2")
         self.stage = stage
