@@ -55,14 +55,17 @@ from . import losses
 _logged = set()
 
 
-def log_once(message):
-    """Warn once per process about a combination that runs full passes."""
-    if message in _logged:
-        return
-    _logged.add(message)
+def _warn(message):
     from mmengine.logging import print_log
 
     print_log(message, logger="current", level=logging.WARNING)
+
+
+def log_once(message):
+    """Warn once per process about a combination that cannot share (or cannot split the EP backward)."""
+    if message not in _logged:
+        _logged.add(message)
+        _warn(message)
 
 
 # ---- caches ------------------------------------------------------------------------------------
