@@ -215,8 +215,10 @@ def carry_gradients(tensors, grads):
 def shared_prefix_terms(model, plain, ep, neg, root_end, trunk_end):
     """Eq. 7's terms from passes that share their prefixes; same as full passes, less work.
 
-    ``plain``, ``ep``, ``neg`` (None without CRT): (embeds, attention_mask, position_ids, labels) of
-    right-padded sequences, as ``response_logits`` takes them; ``root_end``/``trunk_end`` from ``layout``.
+    The plain pass runs in full and keeps its keys/values; the EP suffix runs on their first
+    ``trunk_end`` positions, the CRT negative's suffix on their first ``root_end``. ``plain``, ``ep``,
+    ``neg`` (None without CRT): (embeds, attention_mask, position_ids, labels) of right-padded
+    sequences, as ``response_logits`` takes them; ``root_end``/``trunk_end`` from ``layout``.
     """
     decoder, head = model.decoder_and_head()
     run = DecoderRunner(decoder)
@@ -224,31 +226,25 @@ def shared_prefix_terms(model, plain, ep, neg, root_end, trunk_end):
 
     def response_logits(seq, start, past):
         embeds, mask, positions, labels = seq
-        hidden, _ = run(embeds[:, start:], mask, positions[:, start:], past)
+        hidden, kv = run(embeds[:, start:], mask, positions[:, start:], past)
         rows, targets = losses.response_rows(hidden, labels[:, start:])
-        return head(rows), targets
+        return head(rows), targets, kv
+
+    def prefix(kv, end):  # the first ``end`` positions of per-layer (key, value): views, graph kept
+        return [(k[..., :end, :], v[..., :end, :]) for k, v in kv] if end > 0 else None
 
     with layerwise_checkpointing(decoder):
-        embeds, mask, positions, _ = plain
-        kv_root = None
-        if neg is not None and 0 < root_end < trunk_end:  # all three share the root, plain and EP the trunk
-            _, kv_root = run(embeds[:, :root_end], mask[:, :root_end], positions[:, :root_end])
-            _, kv_trunk = run(embeds[:, root_end:trunk_end], mask[:, :trunk_end], positions[:, root_end:trunk_end],
-                              kv_root)
-        else:
-            _, kv_trunk = run(embeds[:, :trunk_end], mask[:, :trunk_end], positions[:, :trunk_end])
-            if neg is not None and root_end == trunk_end:  # EP_rep: the trunk is the root
-                kv_root = kv_trunk
-        neg_start = 0 if kv_root is None else root_end
+        plain_logits, targets, kv = response_logits(plain, 0, None)
+        trunk = prefix(kv, trunk_end)
 
-        ep_past = kv_trunk
+        ep_past = trunk
         if split:  # the EP pass sees the trunk as leaves: its backward stops there
-            ep_past = [tuple(t.detach().requires_grad_(t.requires_grad) for t in kv) for kv in kv_trunk]
-        ep_logits, targets = response_logits(ep, trunk_end, ep_past)
+            ep_past = [tuple(t.detach().requires_grad_(t.requires_grad) for t in layer) for layer in trunk]
+        ep_logits, _, _ = response_logits(ep, trunk_end, ep_past)
         loss_ep = losses.exemplar_prompting_loss(ep_logits, targets)
         if split and loss_ep.requires_grad:
             params = [p for p in model.parameters() if p.requires_grad]
-            kv_pairs = [(t, leaf) for kv, leaf_kv in zip(kv_trunk, ep_past) for t, leaf in zip(kv, leaf_kv)
+            kv_pairs = [(t, leaf) for layer, leaves in zip(trunk, ep_past) for t, leaf in zip(layer, leaves)
                         if leaf.requires_grad]
             grads = torch.autograd.grad(loss_ep, params + [leaf for _, leaf in kv_pairs], allow_unused=True)
             carrier = carry_gradients(params + [t for t, _ in kv_pairs], grads)
@@ -256,11 +252,10 @@ def shared_prefix_terms(model, plain, ep, neg, root_end, trunk_end):
             loss_ep = loss_ep.detach() if carrier is None else loss_ep.detach() + carrier
             ep_logits = ep_logits.detach()
 
-        plain_logits, plain_targets = response_logits(plain, trunk_end, kv_trunk)
-        terms = {"loss_van": losses.vanilla_loss(plain_logits, plain_targets), "loss_ep": loss_ep}
+        terms = {"loss_van": losses.vanilla_loss(plain_logits, targets), "loss_ep": loss_ep}
         if model.use_rda:
             terms["loss_rda"] = losses.response_distribution_alignment_loss(plain_logits, ep_logits, model.detach_rda)
         if neg is not None:
-            neg_logits, _ = response_logits(neg, neg_start, kv_root)
-            terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain_logits, neg_logits, plain_targets)
+            neg_logits, _, _ = response_logits(neg, root_end, prefix(kv, root_end))
+            terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain_logits, neg_logits, targets)
     return terms
