@@ -203,3 +203,44 @@ def test_unsupported_combination_falls_back_once(tiny_model, batch, monkeypatch,
         terms, _, tokens = step(model, data, shared=True)
     assert tokens == ref_tokens and all(torch.equal(terms[k], ref_terms[k]) for k in terms)
     assert len(messages) == 1 and "flash-attn < 2.1" in messages[0]
+
+
+def _ddp_worker(rank, world, port, model_path, data, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build(model_path)
+        model.set_stage(2)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # as the configs
+        total, _ = model.parse_losses(ddp(data))
+        total.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_reduces_the_same_gradients(tiny_model, batch, tmp_path):
+    """Two gloo processes with the same batch: DDP's averaged gradients equal the full passes' (its reducer
+    sees one backward per step, the EP gradient included)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = with_exemplars(batch, "cls")
+    model = build(tiny_model)
+    model.set_stage(2)
+    _, ref_grads, _ = step(model, data, shared=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tiny_model, data, str(tmp_path / "grads.pt")), nprocs=2)
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert set(grads) == set(ref_grads)
+    for name, value in ref_grads.items():
+        torch.testing.assert_close(grads[name], value, **TOL, msg=name)

@@ -8,11 +8,13 @@ the CRT negative (the same tokens with another image). They are equal up to a po
     trunk  = root + the image tokens, up to where EP_cls / EP_all insert: shared by plain and EP
              (EP_rep replaces the image tokens, so its trunk is the root).
 
-Here the shared part runs once and its keys/values (per layer, with their autograd graph) are the
-cache on which every suffix runs: an exact rewrite of full passes (causal attention: a prefix's
-keys/values do not depend on what follows), and gradients from every suffix reach the shared
-tokens through the keys/values. Losses and gradients equal those of full passes up to float
-summation order (tests/test_shared_prefix.py).
+Here the plain pass runs in full and keeps its keys/values (per layer, with their autograd graph);
+the EP pass runs only its suffix, on the plain pass's first ``trunk`` positions as cache, and the
+negative only its suffix, on the first ``root`` positions: as many decoder calls as full passes, with
+LLM work L + S_ep (+ L - root) instead of 2L (+ L). It is an exact rewrite of full passes (causal
+attention: a prefix's keys/values do not depend on what follows), and the gradients of every suffix
+reach the shared tokens through the keys/values. Losses and gradients equal those of full passes up
+to float summation order (tests/test_shared_prefix.py).
 
 Peak memory: with RDA's teacher detached (the paper's RDA), the EP pass is coupled to nothing but
 the shared trunk. Its gradient is taken at once (``torch.autograd.grad`` w.r.t. the trainable
@@ -21,7 +23,9 @@ freed, and that gradient rides on ``loss_ep`` into the step's one backward (a va
 backward hands each tensor its precomputed gradient times the incoming scale). So the step still
 has ONE backward: mmengine's OptimWrapper (loss scaling, ``accumulative_counts``), DeepSpeed's
 engine and ZeRO hooks, and DDP's reducer see exactly what they saw before, while the EP pass's
-activations never coexist with the plain and negative passes'.
+activations are gone before the negative pass runs. (mmengine's DDP and DeepSpeed wrappers call their
+own ``train_step``, never the model's, so an override of ``train_step`` with two backwards would not
+reach them; this keeps the change inside ``forward``.)
 
 Caches: transformers models (Qwen2, Llama, Phi3) take ``Cache`` objects; InternVL2's InternLM2
 remote code takes and returns legacy ``((k, v), ...)`` tuples. ``PrefixKV`` is a stateless Cache:
