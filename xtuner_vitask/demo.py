@@ -262,7 +262,8 @@ def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False,
 def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16, progress=True, model=None):
     """Rank evaluation of an export on ``split`` (report written to ``out_dir``); returns the report.
     ``model``: an already loaded export to reuse (the EP wrapper also ranks without EP)."""
-    from .evaluation.evaluate import evaluate_export, write_report
+    from .evaluation.evaluate import write_report
+    from .inference.exports import evaluate_export
 
     report = evaluate_export(str(export_dir), str(Path(data_dir) / f"{split}.jsonl"), use_ep=use_ep, mode="rank",
                              batch_size=batch_size, progress=progress, model=model)
@@ -272,7 +273,7 @@ def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16,
 
 def chat_once(export_dir, image, prompt, use_ep=None, max_new_tokens=24):
     """One greedy answer of the exported model about ``image``."""
-    from .cli.chat import ChatSession
+    from .inference.chat import ChatSession
 
     return ChatSession(str(export_dir), str(image), use_ep=use_ep).ask(prompt, max_new_tokens=max_new_tokens)
 

@@ -37,22 +37,7 @@ class InternVL2Dataset(InternVL_V1_5_Dataset):
 
     def __init__(self, model_path, data_paths, image_folders=None, template=None, system=None,
                  dynamic_image_size=None, repeat_times=1, max_length=8192):
-        self.cfg = load_internvl_config(model_path)
-        self.template = chat_template(self.cfg.template) if template is None else ConfigDict(copy.deepcopy(template))
-        self._system = system if system is not None else self.template.get("DEFAULT_SYSTEM", "")
-        self.max_length = max_length
-
-        if dynamic_image_size is None:
-            dynamic_image_size = getattr(self.cfg, "dynamic_image_size", True)
-        self.min_dynamic_patch = self.cfg.min_dynamic_patch
-        self.max_dynamic_patch = self.cfg.max_dynamic_patch if dynamic_image_size else 1
-        self.use_thumbnail = self.cfg.use_thumbnail
-        self.downsample_ratio = self.cfg.downsample_ratio
-        self.image_size = self.cfg.force_image_size or self.cfg.vision_config.image_size
-        self.patch_token = int((self.image_size // self.cfg.vision_config.patch_size) ** 2
-                               * self.downsample_ratio ** 2)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
-        self.transformer = self._image_transform()
+        self._init_format(model_path, template, system, dynamic_image_size, max_length)
 
         as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731
         data_paths, image_folders, repeat_times = as_list(data_paths), as_list(image_folders), as_list(repeat_times)
@@ -75,6 +60,33 @@ class InternVL2Dataset(InternVL_V1_5_Dataset):
         self._max_refetch = 1000
         print_log(f"{type(self).__name__}: {len(self.data)} samples, chat template {self.cfg.template!r}, "
                   f"{self.patch_token} image tokens per tile", logger="current")
+
+    def _init_format(self, model_path, template, system, dynamic_image_size, max_length):
+        """The checkpoint's chat format, tokenizer and image tiling (everything but the records)."""
+        self.cfg = load_internvl_config(model_path)
+        self.template = chat_template(self.cfg.template) if template is None else ConfigDict(copy.deepcopy(template))
+        self._system = system if system is not None else self.template.get("DEFAULT_SYSTEM", "")
+        self.max_length = max_length
+
+        if dynamic_image_size is None:
+            dynamic_image_size = getattr(self.cfg, "dynamic_image_size", True)
+        self.min_dynamic_patch = self.cfg.min_dynamic_patch
+        self.max_dynamic_patch = self.cfg.max_dynamic_patch if dynamic_image_size else 1
+        self.use_thumbnail = self.cfg.use_thumbnail
+        self.downsample_ratio = self.cfg.downsample_ratio
+        self.image_size = self.cfg.force_image_size or self.cfg.vision_config.image_size
+        self.patch_token = int((self.image_size // self.cfg.vision_config.patch_size) ** 2
+                               * self.downsample_ratio ** 2)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+        self.transformer = self._image_transform()
+
+    @classmethod
+    def format_only(cls, model_path, template=None, system=None, dynamic_image_size=False, max_length=8192):
+        """The chat format and image preprocessing of ``model_path`` with no records (evaluation, chat)."""
+        self = cls.__new__(cls)
+        InternVL2Dataset._init_format(self, model_path, template, system, dynamic_image_size, max_length)
+        self.data_paths, self.data, self.image_folder, self.group_length = [], [], [], []
+        return self
 
     def _image_transform(self):
         # XTuner builds its transform inline in __init__; rebuild the same pipeline.
