@@ -26,8 +26,9 @@ CPU counterpart of ``torch.cuda.max_memory_allocated``, which ``--device cuda`` 
     python benchmarks/bench_step.py --model-path work_dirs/internvl2_2b_random --device cuda \\
         --activation-checkpointing --json rows.json # the same table for InternVL2-2B's shape on a GPU
 
-On CPU the model is built here (``xtuner_vitask.testing``): InternVL2-2B's image and token layout (448 px,
-patch 14, pixel shuffle 0.5: 256 tokens per tile) and chat template, with narrow, shallow towers.
+On CPU the model is built here (``xtuner_vitask.testing``): InternVL2-2B's LLM code (InternLM2 remote code:
+eager attention, legacy caches), chat template and 256 image tokens per 448 px tile, with narrow, shallow
+towers sized so that the frozen ViT's share of the vanilla step is near InternVL2-2B's (see ``FULL``).
 """
 from __future__ import annotations
 
@@ -59,16 +60,20 @@ import torch  # noqa: E402
 GOALS = {("stage1", True): dict(time_x=1.3), ("stage2", True): dict(time_x=2.3, peak_x=2.1)}
 EXEMPLAR_DIM = 768  # ViT-B/16's feature size (the paper's TSM)
 # InternLM2's tokenizer is not available offline; InternVL's system message is about 30 of its tokens
-# (~1.5 Chinese characters per token). A small test tokenizer splits it into several times more, so for
-# such tokenizers the message is cut to this many tokens to keep InternVL2-2B's proportions.
+# (an estimate: 59 characters, ~1.5 Chinese characters per token). A small test tokenizer's count is far
+# off either way, so with one the message is cut or repeated to this many tokens (InternVL2-2B's proportions).
 SYSTEM_TOKENS_ESTIMATE = 32
 SMALL_VOCAB = 10_000
 
-# CPU sizes: InternVL2-2B's image/token layout with narrow, shallow towers, sized so that the frozen ViT's
-# share of the vanilla step is near InternVL2-2B's (~25% by FLOPs: InternViT-300M forward on 1025 tokens
-# against InternLM2-1.8B forward + LoRA backward on ~350; ~18% with activation checkpointing's recompute)
-FULL = dict(vlm=dict(image_size=448, patch_size=14, vision_hidden=64, llm_hidden=256, num_layers=4),
-            repeats=15, warmup=3)
+# CPU sizes: InternVL2-2B's LLM code, chat template and 256 image tokens per 448 px tile, with narrow, shallow
+# towers. What the ratios depend on is kept: the token layout, and the frozen ViT's share of the vanilla step.
+# InternVL2-2B by FLOPs: InternViT-300M forward on 1025 tokens ~0.72 TF, InternLM2-1.8B forward + LoRA backward
+# on ~366 tokens ~2.3 TF, so the ViT is ~24% of a step (~18% with activation checkpointing's recompute). At
+# 448 px / patch 14 a narrow ViT is attention-bound on CPU (over half the step at any width that is cheap
+# enough), so here the ViT sees 16 x 16 patches of 28 px with no pixel shuffle -- the same 256 tokens reach
+# the LLM -- and is as wide as the LLM: ~22% of the vanilla step measured.
+FULL = dict(vlm=dict(image_size=448, patch_size=28, downsample_ratio=1.0, vision_hidden=256, llm_hidden=256,
+                     num_layers=4), repeats=15, warmup=3)
 QUICK = dict(vlm=dict(image_size=112, patch_size=14, vision_hidden=32, llm_hidden=64, num_layers=2),
              repeats=3, warmup=1)
 
@@ -86,23 +91,27 @@ def build_data(workdir: Path, n_train: int, seed: int = 0) -> str:
 def build_model_folder(workdir: Path, sizes: dict, seed: int = 0) -> str:
     from xtuner_vitask.testing import build_tiny_internvl
 
-    return str(build_tiny_internvl(workdir / "internvl2_2b_shaped", llm="qwen2", template="internlm2-chat",
-                                   seed=seed, **sizes["vlm"]))
+    return str(build_tiny_internvl(workdir / "internvl2_2b_shaped", llm="internlm2", seed=seed, **sizes["vlm"]))
 
 
 def system_message(tokenizer, default: str, n_tokens) -> tuple[str, int]:
-    """The template's system message, cut to ``n_tokens`` of this tokenizer ('auto': only for a small test
-    tokenizer, to InternLM2's estimated count), and its token count."""
+    """The template's system message with ``n_tokens`` tokens of this tokenizer ('auto': for a small test
+    tokenizer only, InternLM2's estimated count), and its token count.
+
+    A test tokenizer splits InternVL's system message into far more or far fewer tokens than InternLM2's
+    (its vocabulary is a thousand pieces): the message is cut to, or repeated up to, the count instead.
+    """
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     if n_tokens == "auto":
         n_tokens = SYSTEM_TOKENS_ESTIMATE if len(tokenizer) < SMALL_VOCAB else None
-    if n_tokens is None or count(default) <= n_tokens:
+    if n_tokens is None:
         return default, count(default)
-    lo, hi = 0, len(default)  # the longest prefix within n_tokens
+    text = default * (n_tokens // max(1, count(default)) + 1)
+    lo, hi = 0, len(text)  # the longest prefix within n_tokens
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if count(default[:mid]) <= n_tokens else (lo, mid - 1)
-    return default[:lo], count(default[:lo])
+        lo, hi = (mid, hi) if count(text[:mid]) <= n_tokens else (lo, mid - 1)
+    return text[:lo], count(text[:lo])
 
 
 def build_batch(model_path: str, data: str, batch_size: int, system_tokens, device, seed: int = 0):
@@ -138,6 +147,17 @@ def prompt_layout(batch, img_context_token_id) -> dict:
     return dict(tokens_before_image=mean(first), image_tokens=mean(last - first),
                 tokens_after_image=mean(length - last - response), response_tokens=mean(response),
                 sequence_tokens=mean(length), padded_length=int(ids.shape[1]))
+
+
+def default_attention(model_path, cuda):
+    """flash-attention 2 where it imports and CUDA runs; else SDPA, or eager for InternLM2 (no SDPA there)."""
+    import importlib.util
+
+    from xtuner_vitask.models.internvl import load_internvl_config
+
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "eager" if load_internvl_config(model_path).llm_config.model_type == "internlm2" else "sdpa"
 
 
 def lora_config(model_path):
@@ -295,7 +315,6 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
 
         raise VITaskError("--device cuda but torch sees no CUDA device: install the GPU build (install.sh --gpu)")
     dtype = "bfloat16" if cuda else "float32"
-    attn = attn or ("auto" if cuda else "sdpa")
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_step_"))
@@ -307,6 +326,7 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
             built = model_path is None
             if built:
                 model_path = build_model_folder(workdir, sizes, seed)
+            attn = attn or default_attention(model_path, cuda)
             batch, layout = build_batch(model_path, data, batch_size, system_tokens, device, seed)
             models = build_models(model_path, device, dtype, attn, activation_checkpointing, seed)
         from xtuner_vitask.models.shared_prefix import layout as shared_layout
@@ -352,7 +372,7 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
     vanilla = variants[0]
     vit_share = statistics.median(t / t0 for t, t0 in zip(vit_times, vanilla.times))
     setup = dict(quick=quick, repeats=repeats, warmup=warmup, threads=threads, batch_size=batch_size,
-                 device=device, dtype=dtype, attn_implementation=models["vanilla"].attn_implementation,
+                 device=device, dtype=dtype, attn_implementation=llm_attention(models["vanilla"]),
                  activation_checkpointing=activation_checkpointing, torch=torch.__version__, vit_share=vit_share,
                  **(dict(vlm=sizes["vlm"]) if built else dict(model_path=model_path)), **layout)
     base = rows[0]
@@ -367,6 +387,12 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
         row["goals"] = goals
         row["meets_goals"] = all(row[k] <= limit for k, limit in goals.items()) if goals else None
     return dict(setup=setup, rows=rows)
+
+
+def llm_attention(model):
+    """The attention the LLM runs (InternLM2's remote code knows eager and flash only)."""
+    config = model.model.language_model.config
+    return getattr(config, "attn_implementation", None) if config.model_type == "internlm2" else config._attn_implementation
 
 
 @contextlib.contextmanager
@@ -397,9 +423,9 @@ def format_table(result: dict) -> str:
     s = result["setup"]
     if "vlm" in s:
         v = s["vlm"]
-        model = (f"InternVL2 built here: Qwen2 LLM hidden {v['llm_hidden']} x {v['num_layers']} layers, InternViT "
+        model = (f"InternVL2 built here: InternLM2 LLM hidden {v['llm_hidden']} x {v['num_layers']} layers, InternViT "
                  f"hidden {v['vision_hidden']} x {v['num_layers']} layers, {v['image_size']} px / patch "
-                 f"{v['patch_size']}, internlm2-chat template")
+                 f"{v['patch_size']} / pixel shuffle {v.get('downsample_ratio', 0.5)}, internlm2-chat template")
     else:
         model = f"model {s['model_path']}"
     lines = [
@@ -445,11 +471,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: bf16 weights and autocast as the GPU recipes, torch.cuda peak memory")
     parser.add_argument("--attn", choices=["auto", "eager", "sdpa", "flash_attention_2"],
-                        help="attention implementation (default: sdpa on CPU, auto on CUDA)")
+                        help="attention implementation (default: flash_attention_2 on CUDA where flash-attn "
+                             "imports, else sdpa; InternLM2 has eager instead of sdpa)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="as the GPU recipes (default off)")
     parser.add_argument("--system-tokens", default="auto",
-                        help="cut the system message to N tokens; 'auto' (default): to InternLM2's estimated "
-                             f"{SYSTEM_TOKENS_ESTIMATE} only for a small test tokenizer; 'none': never")
+                        help="cut or repeat the system message to N tokens; 'auto' (default): to InternLM2's "
+                             f"estimated {SYSTEM_TOKENS_ESTIMATE} for a small test tokenizer only; 'none': never")
     parser.add_argument("--workdir", help="folder for the generated model and data (default: temporary)")
     parser.add_argument("--json", help="also write the setup and rows as JSON here")
     parser.add_argument("--out", help="also write the markdown table here")

@@ -30,7 +30,7 @@ def test_quick_benchmark_rows_and_llm_work(tmp_path, capsys):
     assert rows["vanilla", False]["time_x"] == 1.0 and rows["vanilla", False]["peak_x"] == 1.0
 
     s = result["setup"]
-    assert s["image_tokens"] == 16 and s["system_text_tokens"] <= bench.SYSTEM_TOKENS_ESTIMATE
+    assert s["image_tokens"] == 16 and bench.SYSTEM_TOKENS_ESTIMATE - 2 <= s["system_text_tokens"] <= bench.SYSTEM_TOKENS_ESTIMATE
     b, w, root, trunk = s["batch_size"], s["padded_length"], s["root_end"], s["trunk_end"]
     assert 0 < root < trunk < w
     w_ep = w + 1  # EP_cls: one exemplar token per sample

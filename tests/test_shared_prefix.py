@@ -1,7 +1,9 @@
 """Shared prefix (models/shared_prefix.py): the same losses and gradients as full passes, less LLM work.
 
 One model, one batch: ``shared_prefix=False`` (full passes, the reference) and ``True`` are run in turn and
-compared to 1e-5 (fp32) -- every term of eq. 7 and the gradient of every trainable tensor (LoRA, connector)."""
+compared to 1e-5 (fp32) -- every term of eq. 7 and the gradient of every trainable tensor (LoRA, connector) --
+on InternVL2's InternLM2 (remote code: eager attention, legacy tuple caches, its own reentrant checkpointing)
+and on a transformers Qwen2 (SDPA, Cache objects)."""
 import logging
 
 import pytest
@@ -15,14 +17,32 @@ from xtuner_vitask.models.losses import IGNORE_INDEX
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EXEMPLAR_DIM = 16
-LORA_TARGETS = {"qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]}
+LORA_TARGETS = {"qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+                "internlm2": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2"]}
+ATTENTION = {"qwen2": "sdpa", "internlm2": "eager"}  # InternLM2's remote code has no SDPA
+
+
+@pytest.fixture(scope="module")
+def internlm2_model(tmp_path_factory):
+    from xtuner_vitask.testing import build_tiny_internvl
+
+    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_internlm2", llm="internlm2"))
+
+
+@pytest.fixture(scope="module", params=["internlm2", "qwen2"])
+def llm(request, tiny_model, internlm2_model, derma_data):
+    """(flavour, model folder, collated batch of 6 samples) for each LLM flavour."""
+    path = internlm2_model if request.param == "internlm2" else tiny_model
+    ds = VITaskDataset(path, f"{derma_data}/train.jsonl", tsm_img_size=32, max_length=512)
+    samples = [ds[i] for i in range(6)]
+    return request.param, path, samples
 
 
 def build(model_path, llm="qwen2", checkpointing=False, **kw):
     torch.manual_seed(0)
     lora = dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[llm],
                 task_type="CAUSAL_LM")
-    model = VITaskInternVL(model_path, freeze_llm=True, attn_implementation="sdpa", torch_dtype="float32",
+    model = VITaskInternVL(model_path, freeze_llm=True, attn_implementation=ATTENTION[llm], torch_dtype="float32",
                            activation_checkpointing=checkpointing, llm_lora=lora, exemplar_dim=EXEMPLAR_DIM, **kw)
     # LoRA starts with B = 0 (A's gradient would be 0): random values make every path carry gradient
     g = torch.Generator().manual_seed(1)
@@ -33,12 +53,6 @@ def build(model_path, llm="qwen2", checkpointing=False, **kw):
     return model.train()
 
 
-@pytest.fixture(scope="module")
-def samples(tiny_model, derma_data):
-    ds = VITaskDataset(tiny_model, f"{derma_data}/train.jsonl", tsm_img_size=32, max_length=512)
-    return [ds[i] for i in range(6)]
-
-
 def with_exemplars(data, ep_mode, seed=2):
     g = torch.Generator().manual_seed(seed)
     n = data["input_ids"].shape[0]
@@ -47,8 +61,10 @@ def with_exemplars(data, ep_mode, seed=2):
 
 
 @pytest.fixture(scope="module")
-def batch(samples):
-    return vitask_collate_fn(samples)["data"]
+def batch(tiny_model, derma_data):
+    """A Qwen2 batch for the tests that are not about the LLM flavour."""
+    ds = VITaskDataset(tiny_model, f"{derma_data}/train.jsonl", tsm_img_size=32, max_length=512)
+    return vitask_collate_fn([ds[i] for i in range(6)])["data"]
 
 
 def step(model, data, shared):
@@ -98,21 +114,23 @@ def expected_tokens(model, data, stage, use_crt=True):
 
 @pytest.mark.parametrize("ep_mode", ["cls", "all", "rep"])
 @pytest.mark.parametrize("stage,use_crt", [(1, True), (2, True), (2, False)])
-def test_shared_prefix_equals_full_passes(tiny_model, batch, ep_mode, stage, use_crt):
-    model = build(tiny_model, ep_mode=ep_mode, use_crt=use_crt)
+def test_shared_prefix_equals_full_passes(llm, ep_mode, stage, use_crt):
+    flavour, path, samples = llm
+    model = build(path, flavour, ep_mode=ep_mode, use_crt=use_crt)
     model.set_stage(stage)
-    data = with_exemplars(batch, ep_mode)
+    data = with_exemplars(vitask_collate_fn(samples)["data"], ep_mode)
     tokens, ref_tokens = assert_same(model, data)
     assert tokens == expected_tokens(model, data, stage, use_crt) < ref_tokens
 
 
 @pytest.mark.parametrize("ep_mode,stage", [("cls", 2), ("all", 1)])
-def test_with_activation_checkpointing(tiny_model, batch, ep_mode, stage):
-    model = build(tiny_model, checkpointing=True, ep_mode=ep_mode)
+def test_with_activation_checkpointing(llm, ep_mode, stage):
+    flavour, path, samples = llm
+    model = build(path, flavour, checkpointing=True, ep_mode=ep_mode)
     model.set_stage(stage)
     decoder, _ = model.decoder_and_head()
     assert decoder.gradient_checkpointing
-    assert_same(model, with_exemplars(batch, ep_mode))
+    assert_same(model, with_exemplars(vitask_collate_fn(samples)["data"], ep_mode))
     # the decoder's own checkpointing and its layers are as they were
     assert decoder.gradient_checkpointing and all("forward" not in layer.__dict__ for layer in decoder.layers)
 
@@ -135,11 +153,12 @@ def _shift_image(samples, i, extra):
     return sample
 
 
-def test_samples_whose_images_start_at_different_positions(tiny_model, samples):
+def test_samples_whose_images_start_at_different_positions(llm):
     """The shared part is what every sample shares: the rest of a longer prefix runs in its suffixes."""
+    flavour, path, samples = llm
     items = [_shift_image(samples, 0, 3), samples[1], _shift_image(samples, 2, 1), *samples[3:]]
     data = vitask_collate_fn(items)["data"]
-    model = build(tiny_model)
+    model = build(path, flavour)
     spans = model.exemplar_spans(data["input_ids"])
     assert len({a for a, _ in spans}) == 3
     for stage in (1, 2):
