@@ -66,14 +66,16 @@ SYSTEM_TOKENS_ESTIMATE = 32
 SMALL_VOCAB = 10_000
 
 # CPU sizes: InternVL2-2B's LLM code, chat template and 256 image tokens per 448 px tile, with narrow, shallow
-# towers. What the ratios depend on is kept: the token layout, and the frozen ViT's share of the vanilla step.
-# InternVL2-2B by FLOPs: InternViT-300M forward on 1025 tokens ~0.72 TF, InternLM2-1.8B forward + LoRA backward
-# on ~366 tokens ~2.3 TF, so the ViT is ~24% of a step (~18% with activation checkpointing's recompute). At
-# 448 px / patch 14 a narrow ViT is attention-bound on CPU (over half the step at any width that is cheap
-# enough), so here the ViT sees 16 x 16 patches of 28 px with no pixel shuffle -- the same 256 tokens reach
-# the LLM -- and is as wide as the LLM: ~22% of the vanilla step measured.
-FULL = dict(vlm=dict(image_size=448, patch_size=28, downsample_ratio=1.0, vision_hidden=256, llm_hidden=256,
-                     num_layers=4), repeats=15, warmup=3)
+# towers. Kept from InternVL2-2B is what the ratios depend on: the token layout, the frozen ViT's share of the
+# vanilla step, and a step dominated by the LLM's matmuls rather than its attention. InternVL2-2B by FLOPs:
+# InternViT-300M forward on 1025 tokens ~0.72 TF, InternLM2-1.8B forward + LoRA backward on ~366 tokens
+# ~2.3 TF (attention ~3% of it), so the ViT is ~24% of a step (~18% with activation checkpointing's
+# recompute). A narrow model is attention-heavy on CPU (eager attention is O(L^2 h) against O(L h^2) for
+# the matmuls), so the LLM here is 512 wide with 2 layers; and a narrow ViT at 448 px / patch 14 (1025
+# tokens) is attention-bound too, so it sees 16 x 16 patches of 28 px without pixel shuffle -- the same 256
+# tokens reach the LLM: the ViT measured ~23% of the vanilla step.
+FULL = dict(vlm=dict(image_size=448, patch_size=28, downsample_ratio=1.0, vision_hidden=448, llm_hidden=512,
+                     num_layers=2), repeats=15, warmup=3)
 QUICK = dict(vlm=dict(image_size=112, patch_size=14, vision_hidden=32, llm_hidden=64, num_layers=2),
              repeats=3, warmup=1)
 
@@ -131,7 +133,9 @@ def build_batch(model_path: str, data: str, batch_size: int, system_tokens, devi
     batch.pop("tsm_pixel_values", None)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    return batch, dict(system_text_tokens=n_system, **prompt_layout(batch, image_token))
+    extra_negatives = 0 if batch["neg_pixel_values"] is None else len(batch["neg_pixel_values"])
+    return batch, dict(system_text_tokens=n_system, extra_negative_images=extra_negatives,
+                       **prompt_layout(batch, image_token))
 
 
 def prompt_layout(batch, img_context_token_id) -> dict:
@@ -272,20 +276,26 @@ def cpu_step_peak_bytes(fn) -> int:
 
 
 @contextlib.contextmanager
-def llm_token_counter(model):
-    """Tokens through the LLM decoder (batch x length of every call) while the block runs."""
-    counts = {"llm_tokens": 0}
+def work_counter(model):
+    """Tokens through the LLM decoder (batch x length of every call) and images through the ViT while the
+    block runs."""
+    counts = {"llm_tokens": 0, "vit_images": 0}
     decoder, _ = model.decoder_and_head()
 
-    def on_call(module, args, kwargs):
+    def on_llm(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         counts["llm_tokens"] += (embeds if embeds is not None else args[0]).shape[:2].numel()
 
-    handle = decoder.register_forward_pre_hook(on_call, with_kwargs=True)
+    def on_vit(module, args, kwargs):
+        counts["vit_images"] += kwargs.get("pixel_values", args[0] if args else None).shape[0]
+
+    handles = [decoder.register_forward_pre_hook(on_llm, with_kwargs=True),
+               model.model.vision_model.register_forward_pre_hook(on_vit, with_kwargs=True)]
     try:
         yield counts
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def resident_bytes(v: Variant) -> int:
@@ -344,10 +354,10 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
         runner = Runner(batch, device)
 
         counts = {}
-        for v in variants:  # first step: token counts (and lazy init of the optimizer state)
-            with llm_token_counter(v.model) as c:
+        for v in variants:  # first step: LLM tokens and ViT images (and lazy init of the optimizer state)
+            with work_counter(v.model) as c:
                 runner.step(v)
-            counts[v.name] = c["llm_tokens"]
+            counts[v.name] = c
 
         from tqdm import tqdm
 
@@ -368,7 +378,7 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
             rows.append(dict(variant=v.variant, shared_prefix=v.shared_prefix, name=v.name,
                              step_ms=1e3 * statistics.median(v.times), step_ms_iqr=_iqr_ms(v.times),
                              resident_mb=resident / 2**20, transient_mb=transient / 2**20,
-                             peak_mb=(resident + transient) / 2**20, llm_tokens=counts[v.name]))
+                             peak_mb=(resident + transient) / 2**20, **counts[v.name]))
     vanilla = variants[0]
     vit_share = statistics.median(t / t0 for t, t0 in zip(vit_times, vanilla.times))
     setup = dict(quick=quick, repeats=repeats, warmup=warmup, threads=threads, batch_size=batch_size,

@@ -1,5 +1,5 @@
-"""benchmarks/bench_step.py in quick mode: every row, the JSON schema, and the LLM work of each variant
-(tokens through the decoder) exactly as the shared-prefix layout says (no timing asserts)."""
+"""benchmarks/bench_step.py in quick mode: every row, the JSON schema, the LLM work of each variant (tokens
+through the decoder) exactly as the shared-prefix layout says, one ViT encode per image (no timing asserts)."""
 import importlib.util
 import json
 import sys
@@ -40,6 +40,9 @@ def test_quick_benchmark_rows_and_llm_work(tmp_path, capsys):
     assert tokens["stage1", True] == b * w + b * (w_ep - trunk)  # EP runs its suffix on the plain pass's trunk
     assert tokens["stage2", False] == 2 * b * w + b * w_ep
     assert tokens["stage2", True] == b * w + b * (w_ep - trunk) + b * (w - root)  # the negative on the root
+    # the frozen ViT encodes each distinct image once: the batch, plus stage 2's negatives from outside it
+    for (variant, _), r in rows.items():
+        assert r["vit_images"] == b + (s["extra_negative_images"] if variant == "stage2" else 0)
     assert 0 < s["vit_share"] < 1
     for r in result["rows"]:
         assert abs(r["floor_x"] - (s["vit_share"] + (1 - s["vit_share"]) * r["llm_tokens_x"])) < 1e-9

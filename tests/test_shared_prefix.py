@@ -180,7 +180,9 @@ def test_each_parameter_accumulates_its_gradient_once_per_step(tiny_model, batch
         keep.append(acc)
     data = with_exemplars(batch, "cls")
     terms = model(data)
-    assert fired == [0] * len(params)  # the EP gradient was taken without touching .grad or the hooks
+    # the EP gradient was taken in forward (loss_ep carries it), without touching .grad or the hooks
+    assert [type(f).__name__ for f, _ in terms["loss_ep"].grad_fn.next_functions] == ["NoneType", "_GradientCarrierBackward"]
+    assert fired == [0] * len(params)
     model.parse_losses(terms)[0].backward()
     assert fired == [1] * len(params)
 

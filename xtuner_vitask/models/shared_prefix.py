@@ -23,7 +23,9 @@ freed, and that gradient rides on ``loss_ep`` into the step's one backward (a va
 backward hands each tensor its precomputed gradient times the incoming scale). So the step still
 has ONE backward: mmengine's OptimWrapper (loss scaling, ``accumulative_counts``), DeepSpeed's
 engine and ZeRO hooks, and DDP's reducer see exactly what they saw before, while the EP pass's
-activations are gone before the negative pass runs. (mmengine's DDP and DeepSpeed wrappers call their
+activations are gone before the negative pass runs. With activation checkpointing the EP pass keeps
+only its layer inputs, less than the trunk's key/value gradient: then it is backpropagated with the
+rest, and the plain pass's keys/values (kept for the suffixes) are what sharing adds to memory. (mmengine's DDP and DeepSpeed wrappers call their
 own ``train_step``, never the model's, so an override of ``train_step`` with two backwards would not
 reach them; this keeps the change inside ``forward``.)
 
@@ -181,6 +183,9 @@ def split_ep_backward(model, decoder):
     """Whether the EP pass's gradient can be taken on its own (see the module docstring)."""
     if not torch.is_grad_enabled() or (model.use_rda and not model.detach_rda):
         return False  # RDA*: the EP logits get RDA's gradient too, so EP is coupled to the plain pass
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
+        # checkpointed, the EP pass keeps only its layer inputs, less than the trunk keys/values' gradient
+        return False
     fp16 = decoder.dtype == torch.float16 or (torch.is_autocast_enabled("cuda")
                                               and torch.get_autocast_dtype("cuda") == torch.float16)
     if fp16:  # an unscaled fp16 backward would underflow; the loss scaler only scales the final one
