@@ -22,23 +22,16 @@ LORA_TARGETS = {"qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
 ATTENTION = {"qwen2": "sdpa", "internlm2": "eager"}  # InternLM2's remote code has no SDPA
 
 
-@pytest.fixture(scope="module")
-def internlm2_model(tmp_path_factory):
-    from xtuner_vitask.testing import build_tiny_internvl
-
-    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_internlm2", llm="internlm2"))
-
-
 @pytest.fixture(scope="module", params=["internlm2", "qwen2"])
-def llm(request, tiny_model, internlm2_model, derma_data):
+def llm(request, tiny_model, tiny_model_qwen2, derma_data):
     """(flavour, model folder, collated batch of 6 samples) for each LLM flavour."""
-    path = internlm2_model if request.param == "internlm2" else tiny_model
+    path = tiny_model if request.param == "internlm2" else tiny_model_qwen2  # conftest: tiny_model is InternLM2
     ds = VITaskDataset(path, f"{derma_data}/train.jsonl", tsm_img_size=32, max_length=512)
     samples = [ds[i] for i in range(6)]
     return request.param, path, samples
 
 
-def build(model_path, llm="qwen2", checkpointing=False, **kw):
+def build(model_path, llm="internlm2", checkpointing=False, **kw):
     torch.manual_seed(0)
     lora = dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[llm],
                 task_type="CAUSAL_LM")
