@@ -33,11 +33,13 @@ SUBCOMMANDS = {  # name -> (module, help); a module with COMMANDS serves several
     "merge-sets": ("xtuner_vitask.cli.convert", "merge converted sets into one set with a joint label space"),
     "cache-exemplars": ("xtuner_vitask.cli.cache_exemplars",
                         "compute every image's TSM exemplar once (cls or all tokens), keyed by record id"),
+    "list-cfg": ("xtuner_vitask.cli.cfg", "list the configs shipped with xtuner-vitask (like `xtuner list-cfg`)"),
+    "copy-cfg": ("xtuner_vitask.cli.cfg", "copy a shipped config (and the base files it reads) to a folder to edit"),
     "make-tiny": ("xtuner_vitask.cli.make_tiny",
                   "write a tiny InternVL2-compatible checkpoint (random weights) for offline tests"),
 }
 # Commands that never import torch: no thread line for them.
-NO_TORCH = {"convert-medmnist", "convert-external", "merge-sets"}
+NO_TORCH = {"convert-medmnist", "convert-external", "merge-sets", "list-cfg", "copy-cfg"}
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
