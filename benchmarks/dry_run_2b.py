@@ -168,8 +168,8 @@ def iteration_times(work_dir):
 
 
 def log_stamp(line):
-    m = re.match(r"(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d)", line)
-    return datetime.strptime(m.group(1), "%Y/%m/%d %H:%M:%S") if m else None
+    m = re.match(r"(\d\d/\d\d \d\d:\d\d:\d\d) - mmengine", line)  # mmengine's "11/30 15:18:34 - mmengine"
+    return datetime.strptime(m.group(1), "%m/%d %H:%M:%S") if m else None
 
 
 def eval_hook_seconds(train_log, last_iter):
@@ -302,7 +302,8 @@ def print_table(r):
         ("batch, iterations", f"{r['batch_size']}, {r['iters_per_stage']} per stage (switch after epoch 1), "
                               f"OMP_NUM_THREADS={r['omp_num_threads']}"),
         ("stage 1 s/iteration (data wait)", fmt(r["stage1_iter_s"])),
-        ("stage 2 s/iteration (data wait)", fmt(r["stage2_iter_s"])),
+        ("stage 2 s/iteration (data wait)", fmt(r["stage2_iter_s"]) + " (the first waits for the epoch restart: "
+                                            "mmengine's 2 s pause + new workers)"),
         ("eval hook (last iteration)", f"{r['eval_hook_s']:.0f} s" if r["eval_hook_s"] is not None else "?"),
         ("train process", f"{r['train_process_s']:.0f} s, peak RSS {r['train_peak_rss_gib']:.1f} GiB"),
         ("trainable parameters", f"LoRA {r['trainable']['lora'] / 1e6:.1f} M, connector "

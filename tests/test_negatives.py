@@ -113,26 +113,43 @@ def test_main_process_completion_equals_the_collate(tiny_model, derma_data):
         items = list(range(start, start + 8))
         collated = vitask_collate_fn([on[i] for i in items])["data"]
         completed = off.attach_negatives(vitask_collate_fn([off[i] for i in items])["data"])
-        assert torch.equal(collated["neg_image_index"], completed["neg_image_index"])
-        if collated["neg_pixel_values"] is None:
-            assert completed["neg_pixel_values"] is None
-        else:
-            assert torch.equal(collated["neg_pixel_values"], completed["neg_pixel_values"])
+        # a batch a worker prepared while the stage switched: some samples with negatives, some without
+        mixed = vitask_collate_fn([(on if k % 2 else off)[i] for k, i in enumerate(items)])["data"]
+        assert "neg_image_index" not in mixed
+        mixed = off.attach_negatives(mixed)
+        for other in (completed, mixed):
+            assert torch.equal(collated["neg_image_index"], other["neg_image_index"])
+            if collated["neg_pixel_values"] is None:
+                assert other["neg_pixel_values"] is None
+            else:
+                assert torch.equal(collated["neg_pixel_values"], other["neg_pixel_values"])
 
 
 # ------------------------------------------------------------------- the stage hook, with workers
 class FakeModel:
+    """What the stage hook touches of VITaskInternVL: stage, set_stage, use_crt, the connector."""
+
     def __init__(self, use_crt=True):
         self.stage, self.use_crt = 1, use_crt
+        self.connector = torch.nn.Linear(1, 1)
 
     def set_stage(self, stage):
         self.stage = stage
+        self.connector.requires_grad_(stage == 1)
+
+
+class FakeOptimWrapper:
+    def __init__(self, model):
+        self.param_groups = [dict(params=[], lr=1e-4, weight_decay=0.05),
+                             dict(params=list(model.connector.parameters()), name="connector", lr=1e-4,
+                                  weight_decay=0.05)]
 
 
 class FakeRunner:
     def __init__(self, loader, max_iters, use_crt=True):
         self.train_dataloader, self.max_iters, self.iter = loader, max_iters, 0
         self.model = FakeModel(use_crt)
+        self.optim_wrapper = FakeOptimWrapper(self.model)
 
 
 def run_loop(hook, runner):
@@ -158,14 +175,15 @@ def no_sleep(monkeypatch):
     monkeypatch.setattr(loops.time, "sleep", lambda s: None)  # mmengine sleeps 2 s at every epoch end
 
 
-def workers_loader(ds):
+def workers_loader(ds, persistent=False):
     return DataLoader(ds, batch_size=8, shuffle=False, num_workers=2, collate_fn=vitask_collate_fn,
-                      multiprocessing_context="fork")
+                      multiprocessing_context="fork", persistent_workers=persistent)
 
 
-def test_epoch_boundary_switch_with_workers_is_exact(tiny_model, derma_data, decodes, no_sleep):
+@pytest.mark.parametrize("persistent", [False, True], ids=["new-workers-each-epoch", "persistent-workers"])
+def test_epoch_boundary_switch_with_workers_is_exact(tiny_model, derma_data, no_sleep, persistent):
     ds = dataset(tiny_model, derma_data, negatives="stage2")  # 96 samples: 12 iterations per epoch
-    runner = FakeRunner(workers_loader(ds), max_iters=24)
+    runner = FakeRunner(workers_loader(ds, persistent), max_iters=24)
     hook = VITaskStageHook(switch_epoch=1)
     seen = run_loop(hook, runner)
     assert seen == [(1, False, False)] * 12 + [(2, True, True)] * 12  # delivered by the workers, none in stage 1
