@@ -133,7 +133,7 @@ def train_tsm(work, data, log_dir):
     run("train_tsm", [sys.executable, "-m", "xtuner.tools.train", config_path(TSM_CONFIG_NAME), "--work-dir", tsm_work,
                       "--cfg-options", f"train_dataloader.dataset.data_file={data}/train.jsonl",
                       f"val_dataloader.dataset.data_file={data}/val.jsonl",
-                      f"test_dataloader.dataset.data_file={data}/test.jsonl", "model.num_classes=7",
+                      f"test_dataloader.dataset.data_file={data}/test.jsonl", f"model.meta={data}/meta.json",
                       "train_cfg.max_epochs=1"], log_dir, train_env())
     found = sorted(glob.glob(str(tsm_work / "best_*.pth")))
     if not found:
