@@ -121,6 +121,7 @@ def test_drawn_negatives_do_not_depend_on_the_batch(tiny_model, derma_data):
     from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
 
     ds = VITaskDataset(tiny_model, f"{derma_data}/train.jsonl", tsm_img_size=32, max_length=512)
+    ds.set_negatives(True)  # stage 2 (the stage hook's switch)
     items = [ds[i] for i in range(8)]
 
     def negatives(batch):
@@ -133,8 +134,9 @@ def test_drawn_negatives_do_not_depend_on_the_batch(tiny_model, derma_data):
     whole = negatives(items)
     split = negatives(items[0::2]) + negatives(items[1::2])  # rank 0 and rank 1 of 2 processes
     by_id = dict(zip([it["id"] for it in items[0::2] + items[1::2]], split))
-    for item, image in zip(items, whole):
-        assert torch.equal(image, item["neg_pixel_values"][0]) and torch.equal(by_id[item["id"]], image)
+    for i, (item, image) in enumerate(zip(items, whole)):
+        drawn = ds.negative_pixel_values(ds.negative_index(i))[0]  # the sample's own drawn negative
+        assert torch.equal(image, drawn) and torch.equal(by_id[item["id"]], image)
 
 
 # ------------------------------------------------------------------------------------ 2 processes

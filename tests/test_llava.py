@@ -106,6 +106,39 @@ def test_llava_sequence_is_xtuners_and_the_method_is_shared(tiny_llava, derma_da
     assert saved == {"llm", "projector", "connector"}
 
 
+def test_shared_prefix_passes_equal_full_passes_on_llava(tiny_llava, derma_data):
+    """The shared-prefix step (models/shared_prefix.py) on the LLaVA adapter: same losses and gradients as full
+    passes, with the projector trained (its graph is shared by every pass) and frozen."""
+    from unittest import mock
+
+    from xtuner_vitask.datasets import vitask_collate_fn
+    from xtuner_vitask.models import vitask
+
+    ds = _dataset(tiny_llava, derma_data, negatives=True)
+    batch = vitask_collate_fn([ds[i] for i in range(4)])["data"]
+    batch["exemplars"] = torch.randn(4, 24, generator=torch.Generator().manual_seed(0))
+    for freeze_projector in (False, True):
+        results = []
+        for shared in (True, False):
+            torch.manual_seed(0)
+            model = _model(tiny_llava, shared_prefix=shared, freeze_projector=freeze_projector)
+            model.set_stage(2)
+            with mock.patch.object(vitask, "shared_prefix_terms", wraps=vitask.shared_prefix_terms) as spy:
+                terms = model.compute_losses(batch)
+            assert spy.called == shared  # the shared-prefix step ran, not its full-pass fallback
+            model.parse_losses(terms)[0].backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append(({k: float(v) for k, v in terms.items()}, grads))
+        (shared_terms, shared_grads), (full_terms, full_grads) = results
+        assert list(shared_terms) == ["loss_van", "loss_ep", "loss_rda", "loss_crt"]
+        for name in full_terms:
+            assert shared_terms[name] == pytest.approx(full_terms[name], abs=1e-5), (freeze_projector, name)
+        assert shared_grads.keys() == full_grads.keys()
+        assert any("projector" in n for n in full_grads) != freeze_projector
+        for name in full_grads:
+            torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+
+
 def test_bad_llava_inputs_are_one_clear_error(tiny_llava, derma_data, tmp_path):
     from xtuner_vitask.errors import VITaskError
 
@@ -117,6 +150,30 @@ def test_bad_llava_inputs_are_one_clear_error(tiny_llava, derma_data, tmp_path):
         _model(tiny_llava, attn_implementation="flash_attention_2")
     with pytest.raises(VITaskError, match="ep_mode"):
         _model(tiny_llava, ep_mode="middle")
+
+
+@pytest.mark.parametrize("size", ["1_8b", "7b"])
+def test_llava_configs_carry_xtuners_finetune_settings(size):
+    """The shipped configs: XTuner's LLaVA LoRA finetune settings, every path at the named LLM, a valid schedule."""
+    import math
+
+    from mmengine.config import Config
+
+    from test_configs import _lr_curve
+    from xtuner_vitask.data.medmnist import dataset_info
+
+    cfg = Config.fromfile(REPO / f"configs/vitask_llava_internlm2_chat_{size}_clip_vit_large_p14_336_derma.py")
+    llm = f"internlm/internlm2-chat-{size}"
+    assert cfg.model.llm.pretrained_model_name_or_path == cfg.tokenizer.pretrained_model_name_or_path == llm
+    assert cfg.train_dataloader.dataset.model_path == llm and f"chat_{size}_clip" in cfg.model.pretrained_pth
+    assert (cfg.model.llm_lora.r, cfg.model.llm_lora.lora_alpha, cfg.optim_wrapper.optimizer.lr) == (512, 256, 2e-4)
+    assert cfg.optim_wrapper.optimizer.weight_decay == 0 and cfg.train_dataloader.batch_size == 16
+    assert cfg.model.freeze_visual_encoder and not cfg.model.get("freeze_projector", False)
+    assert cfg.train_dataloader.dataset.template.INSTRUCTION.startswith("<|im_start|>user")
+    assert cfg.model.tsm.meta == "data/dermamnist_224/meta.json" == cfg.data_root + "meta.json"
+    iters = math.ceil(dataset_info("dermamnist")["n_samples"]["train"] / cfg.train_dataloader.batch_size)
+    lr, (warmup, cosine), curve = _lr_curve(cfg, iters)
+    assert warmup.end >= 2 and cosine.end == len(curve) == 2 * iters and max(curve) == pytest.approx(lr)
 
 
 # ---- end to end (slow) --------------------------------------------------------------------------------
@@ -197,7 +254,7 @@ def test_llava_trains_both_stages_exports_and_xtuner_chat_answers(tmp_path, tiny
     chat = subprocess.run(
         [sys.executable, "-m", "xtuner.tools.chat", f"{tiny_llava}/llm", "--llava", str(out), "--visual-encoder",
          f"{tiny_llava}/visual_encoder", "--image", image, "--prompt-template", "internlm2_chat", "--torch-dtype",
-         "fp32", "--no-streamer", "--max-new-tokens", "16"],
+         "fp32", "--no-streamer", "--max-new-tokens", "16", "--temperature", "0"],  # greedy (its default samples)
         input=f"{instruction}\n\nEXIT\n\n", cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert f"Load LLM adapter from {out}" in chat.stdout and f"Load projector from {out}" in chat.stdout

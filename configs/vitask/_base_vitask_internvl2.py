@@ -95,8 +95,9 @@ model = dict(
 train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
+    # negatives="stage2": CRT negative images are loaded for stage-2 batches only (VITaskStageHook switches them)
     dataset=dict(type=VITaskDataset, model_path=path, data_paths=data_root + "train.jsonl",
-                 tsm_checkpoint=tsm_checkpoint, max_length=4096, seed=0),
+                 tsm_checkpoint=tsm_checkpoint, max_length=4096, seed=0, negatives="stage2"),
     sampler=dict(type=DefaultSampler, shuffle=True),
     collate_fn=dict(type=vitask_collate_fn),
 )

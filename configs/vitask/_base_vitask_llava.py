@@ -114,10 +114,11 @@ model = dict(
 train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
+    # negatives="stage2": CRT negative images are loaded for stage-2 batches only (VITaskStageHook switches them)
     dataset=dict(type=VITaskLLaVADataset, model_path=llm_name_or_path,
                  visual_encoder_path=visual_encoder_name_or_path, template=prompt_template, system="",
                  pad_image_to_square=True, data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint,
-                 max_length=max_length, seed=0),
+                 max_length=max_length, seed=0, negatives="stage2"),
     sampler=dict(type=DefaultSampler, shuffle=True),
     collate_fn=dict(type=vitask_collate_fn),
 )

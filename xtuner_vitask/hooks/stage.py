@@ -32,6 +32,12 @@ class VITaskStageHook(Hook):
 
     The stage is derived from the runner's iteration before every step, never stored,
     so a run resumed in stage 2 is in stage 2 from its first step.
+
+    It also tells a dataset with ``set_negatives`` (VITaskDataset) whether the NEXT batch needs CRT
+    negatives: XTuner's loop fetches a batch before ``before_train_iter`` runs, so the switch is made
+    after the last stage-1 iteration (exact at an epoch boundary, the paper's switch, whatever the
+    workers). A stage-2 batch that workers prepared earlier (a mid-epoch switch) gets its negatives
+    in the main process before the step (logged).
     """
 
     priority = "HIGH"  # before the checkpoint hook (VERY_LOW) in after_train_iter
@@ -40,6 +46,7 @@ class VITaskStageHook(Hook):
         if (switch_epoch is None) == (switch_iter is None):
             raise VITaskError("VITaskStageHook needs exactly one of switch_epoch=... or switch_iter=...")
         self.switch_epoch, self.switch_iter = switch_epoch, switch_iter
+        self._completed = 0  # stage-2 batches whose negatives the main process loaded
 
     def before_train(self, runner):
         if self.switch_epoch is not None:
@@ -50,14 +57,17 @@ class VITaskStageHook(Hook):
                       f"({runner.max_iters}); training stays in stage 1", logger="current", level=30)
         self._connector_group(runner)  # fail at the start, not at the switch
         self._apply(runner, runner.iter)
+        self._set_negatives(runner, runner.iter, check=self.switch_iter < runner.max_iters)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         self._apply(runner, runner.iter)
+        self._complete_negatives(runner, data_batch)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         model = self._model(runner)
         if model.stage == 2:  # saved like any trained tensor; frozen again before the next step
             model.connector.requires_grad_(True)
+        self._set_negatives(runner, runner.iter + 1)  # the loop fetches iteration iter+1's batch next
 
     def _apply(self, runner, iteration):
         model = self._model(runner)
@@ -85,3 +95,30 @@ class VITaskStageHook(Hook):
                 "DeepSpeed: set optim_wrapper.optimizer=dict(type=optimizer_with_param_groups, "
                 "optimizer_type=AdamW, lr=..., ...) (xtuner_vitask.engine), as configs/vitask/ do")
         return group
+
+    # ---- CRT negatives: loaded for stage-2 batches only (datasets/vitask.py) ----------------------------
+    def _set_negatives(self, runner, next_iter, check=False):
+        dataset = getattr(runner.train_dataloader, "dataset", None)
+        model = self._model(runner)
+        if not hasattr(dataset, "set_negatives"):
+            return
+        crt = getattr(model, "use_crt", False)
+        if check and crt and not dataset.negatives:  # say so now, not after stage 1
+            dataset.set_negatives(True)
+        dataset.set_negatives(next_iter >= self.switch_iter and crt)
+
+    def _complete_negatives(self, runner, data_batch):
+        model = self._model(runner)
+        data = data_batch.get("data") if isinstance(data_batch, dict) else None
+        if model.stage != 2 or not getattr(model, "use_crt", False) or data is None or "neg_image_index" in data:
+            return
+        dataset = getattr(runner.train_dataloader, "dataset", None)
+        if not hasattr(dataset, "attach_negatives"):
+            return
+        collate = getattr(runner.train_dataloader, "collate_fn", None)
+        dataset.attach_negatives(data, getattr(collate, "keywords", {}).get("negatives_from_batch", True))
+        self._completed += 1
+        if self._completed == 1:
+            print_log(f"VITaskStageHook: the batch of iteration {runner.iter} was prepared before stage 2 "
+                      "(a mid-epoch switch with DataLoader workers): its CRT negatives are loaded in the main "
+                      "process; switch at an epoch boundary to load them in the workers", logger="current")

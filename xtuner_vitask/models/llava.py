@@ -128,6 +128,10 @@ class LLaVA(LLaVAModel):
     def vision_frozen(self):
         return self.freeze_visual_encoder and not self.use_visual_encoder_lora
 
+    @property
+    def image_features_trainable(self):
+        return not self.vision_frozen or any(p.requires_grad for p in self.projector.parameters())
+
     def encode_images(self, pixel_values):
         """(n, 3, H, W) -> (n, patches, llm hidden): CLIP's ``visual_select_layer`` without CLS, projector."""
         pixel_values = pixel_values.to(self.visual_encoder.dtype)
@@ -180,13 +184,15 @@ class VITaskLLaVA(VITask, LLaVA):
     with ``VITaskInternVL``.
 
     Args: as ``LLaVA`` (vision tower frozen by default, projector trained as in XTuner's finetune) and as
-    ``VITaskInternVL`` for the method (tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda).
+    ``VITaskInternVL`` for the method (tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda,
+    shared_prefix).
     ``xtuner convert pth_to_hf`` writes the plain model in XTuner's LLaVA layout (``llm_adapter/``,
     ``projector/``; ``visual_encoder/`` when it was trained) through XTuner's own ``to_hf``.
     """
 
     def __init__(self, llm, visual_encoder, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
-                 use_rda=True, use_crt=True, detach_rda=True, freeze_visual_encoder=True, **kwargs):
+                 use_rda=True, use_crt=True, detach_rda=True, shared_prefix=True, freeze_visual_encoder=True,
+                 **kwargs):
         check_vitask_arguments(ep_mode, alpha, beta)
         super().__init__(llm, visual_encoder, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
-        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda)
+        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix)

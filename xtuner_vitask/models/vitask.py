@@ -15,6 +15,7 @@ from ..ep.exemplar_prompting import ExemplarConnector, exemplar_spans, feature_k
 from ..errors import VITaskError
 from . import losses
 from .internvl import InternVL2
+from .shared_prefix import layout, log_once, shared_prefix_terms, unsupported_reason
 
 # The connector's optimizer group (engine.param_groups), which stage 2 pins to lr = weight_decay = 0.
 CONNECTOR_GROUP = "connector"
@@ -37,15 +38,18 @@ class VITask:
         ``stack_tiles(pixel_values)`` -> (n, 3, H, W) images of the batch;
         ``encode_images(pixels)`` -> (n, features per image, llm_hidden_size), in the LLM's space;
         ``embed_tokens(input_ids, features)`` -> (B, L, llm_hidden_size) with the image positions filled;
-        ``response_logits(embeds, mask, positions, labels)`` -> (T, V) rows predicting the response, (T,) targets.
-    Everything else -- the exemplar connector, where its tokens go, the splice, eqs. 1-7, the stages,
-    the checkpoint contents -- is here, once.
+        ``response_logits(embeds, mask, positions, labels)`` -> (T, V) rows predicting the response, (T,) targets;
+        ``decoder_and_head()`` -> the LLM's decoder body and LM head (for the shared-prefix passes);
+        ``image_features_trainable``: whether ``encode_images`` has trainable parameters (projector, tower).
+    Everything else -- the exemplar connector, where its tokens go, the splice, eqs. 1-7, the shared-prefix
+    passes, the stages, the checkpoint contents -- is here, once.
     """
 
-    def _init_vitask(self, tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda):
+    def _init_vitask(self, tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix):
         """After the wrapper is built: the TSM (frozen, optional), the connector, stage 1."""
         self.ep_mode, self.alpha, self.beta = ep_mode, float(alpha), float(beta)
         self.use_rda, self.use_crt, self.detach_rda = use_rda and alpha > 0, use_crt and beta > 0, detach_rda
+        self.shared_prefix = shared_prefix
 
         self.tsm = None
         if tsm is not None:
@@ -127,20 +131,30 @@ class VITask:
         vit = self.encode_images(pixels)  # one ViT encode per distinct image in the batch
 
         embeds = self.embed_tokens(input_ids, vit[:n_pos])
-        plain, targets = self.response_logits(embeds, mask, positions, labels)
-        terms = OrderedDict(loss_van=losses.vanilla_loss(plain, targets))
+        spans = self.exemplar_spans(input_ids)
+        plain = (embeds, mask, positions, labels)
+        ep = splice_exemplars(embeds, mask, spans, self.exemplar_tokens(data), labels=labels,
+                              ignore_index=losses.IGNORE_INDEX)
+        ep = (ep[0], ep[1], ep[3], ep[2])  # (embeds, mask, positions, labels) like the others
+        neg = (self.embed_tokens(input_ids, vit[data["neg_image_index"]]), mask, positions, labels) if with_crt else None
 
-        ep_embeds, ep_mask, ep_labels, ep_positions = splice_exemplars(
-            embeds, mask, self.exemplar_spans(input_ids), self.exemplar_tokens(data), labels=labels,
-            ignore_index=losses.IGNORE_INDEX)
-        ep, _ = self.response_logits(ep_embeds, ep_mask, ep_positions, ep_labels)
+        if self.shared_prefix:
+            bounds = unsupported_reason(self) or layout(input_ids, spans, labels, self.image_token_id)
+            if isinstance(bounds, tuple):
+                return OrderedDict(shared_prefix_terms(self, plain, ep, neg, *bounds))
+            log_once(f"VITask: full passes, no shared prefix: {bounds}")
+        return self.full_pass_terms(plain, ep, neg)
+
+    def full_pass_terms(self, plain, ep, neg):
+        """Eq. 7's terms from one full LLM pass per sequence (the reference for ``shared_prefix_terms``)."""
+        plain, targets = self.response_logits(*plain)
+        terms = OrderedDict(loss_van=losses.vanilla_loss(plain, targets))
+        ep, _ = self.response_logits(*ep)
         terms["loss_ep"] = losses.exemplar_prompting_loss(ep, targets)
         if self.use_rda:
             terms["loss_rda"] = losses.response_distribution_alignment_loss(plain, ep, self.detach_rda)
-
-        if with_crt:
-            neg_embeds = self.embed_tokens(input_ids, vit[data["neg_image_index"]])
-            neg, _ = self.response_logits(neg_embeds, mask, positions, labels)
+        if neg is not None:
+            neg, _ = self.response_logits(*neg)
             terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain, neg, targets)
         return terms
 
@@ -186,14 +200,18 @@ class VITaskInternVL(VITask, InternVL2):
         alpha, beta: weights of L_RDA and L_CRT in eq. 7.
         use_rda, use_crt: switch the terms off for the Table 2 ablation rows.
         detach_rda: False gives RDA* (gradient flows into the exemplar-prompted branch).
+        shared_prefix: run the plain, EP and CRT-negative passes on one computation of their common prefix
+            (``models/shared_prefix.py``; same losses and gradients, less time and memory). False runs
+            full passes (the reference); combinations that cannot share fall back to them (logged once).
     """
 
+
     def __init__(self, model_path, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
-                 use_rda=True, use_crt=True, detach_rda=True, freeze_mlp1=True, freeze_visual_encoder=True,
-                 **kwargs):
+                 use_rda=True, use_crt=True, detach_rda=True, shared_prefix=True, freeze_mlp1=True,
+                 freeze_visual_encoder=True, **kwargs):
         check_vitask_arguments(ep_mode, alpha, beta)
         super().__init__(model_path, freeze_mlp1=freeze_mlp1, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
-        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda)
+        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix)
 
     # ---- the adapter (see VITask) -------------------------------------------------------------
     @property
@@ -203,3 +221,7 @@ class VITaskInternVL(VITask, InternVL2):
     @property
     def llm_hidden_size(self):
         return self.model.language_model.get_input_embeddings().embedding_dim
+
+    @property
+    def image_features_trainable(self):
+        return not self.vision_frozen
