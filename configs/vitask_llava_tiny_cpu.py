@@ -1,7 +1,8 @@
 # VITask on the tiny LLaVA (xtuner_vitask.testing.build_tiny_llava) with the tiny TSM, both stages on CPU in
 # seconds. Tests run it with --cfg-options pointing at their own folders:
 #   python -m xtuner.tools.train configs/vitask_llava_tiny_cpu.py --work-dir DIR --cfg-options \
-#     model.llm.pretrained_model_name_or_path=T/llm model.visual_encoder.pretrained_model_name_or_path=T/visual_encoder \
+#     model.llm.pretrained_model_name_or_path=T/llm \
+#     model.visual_encoder.pretrained_model_name_or_path=T/visual_encoder \
 #     model.pretrained_pth=T/projector_pretrain.pth train_dataloader.dataset.model_path=T/llm \
 #     train_dataloader.dataset.visual_encoder_path=T/visual_encoder train_dataloader.dataset.data_paths=D/train.jsonl \
 #     model.tsm.meta=D/meta.json model.tsm.checkpoint=TSM.pth train_dataloader.dataset.tsm_checkpoint=TSM.pth

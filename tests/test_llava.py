@@ -30,7 +30,8 @@ def _model(tiny, tsm=None, **kwargs):
     return VITaskLLaVA(
         llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=f"{tiny}/llm",
                  trust_remote_code=True),
-        visual_encoder=dict(type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=f"{tiny}/visual_encoder"),
+        visual_encoder=dict(type=CLIPVisionModel.from_pretrained,
+                            pretrained_model_name_or_path=f"{tiny}/visual_encoder"),
         freeze_llm=True, pretrained_pth=f"{tiny}/projector_pretrain.pth", torch_dtype="float32",
         activation_checkpointing=False, tsm=tsm, exemplar_dim=None if tsm else 24,
         llm_lora=dict(type=LoraConfig, r=8, lora_alpha=16, task_type="CAUSAL_LM", target_modules="auto",
@@ -181,7 +182,8 @@ def llava_options(tiny, data, tsm_checkpoint, *extra):
     """--cfg-options that point configs/vitask_llava_tiny_cpu.py at the fixtures."""
     return (f"model.llm.pretrained_model_name_or_path={tiny}/llm",
             f"model.visual_encoder.pretrained_model_name_or_path={tiny}/visual_encoder",
-            f"model.pretrained_pth={tiny}/projector_pretrain.pth", f"tokenizer.pretrained_model_name_or_path={tiny}/llm",
+            f"model.pretrained_pth={tiny}/projector_pretrain.pth",
+            f"tokenizer.pretrained_model_name_or_path={tiny}/llm",
             f"image_processor.pretrained_model_name_or_path={tiny}/visual_encoder",
             f"train_dataloader.dataset.model_path={tiny}/llm",
             f"train_dataloader.dataset.visual_encoder_path={tiny}/visual_encoder",

@@ -51,7 +51,7 @@ lora_targets = "auto"
 # Data (written by data_tools) and the TSM trained on it (configs/tsm_vit_base_<set>.py)
 data_root = "data/dermamnist_224/"
 tsm_checkpoint = "work_dirs/tsm_vit_base_derma/best_macro_f1_epoch_*.pth"
-# tokens per sample WITH its 576 image tokens (XTuner's max_length = 2048 - 576 counts the text before they are inserted)
+# tokens per sample WITH its 576 image tokens (XTuner's max_length = 2048 - 576 counts the text before they go in)
 max_length = 2048
 
 # VITask (Table 2 ablation rows are changes of these)
@@ -97,7 +97,8 @@ model = dict(
              trust_remote_code=True),
     llm_lora=dict(type=LoraConfig, r=512, lora_alpha=256, lora_dropout=0.05, bias="none",
                   target_modules=lora_targets, task_type="CAUSAL_LM"),
-    visual_encoder=dict(type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=visual_encoder_name_or_path),
+    visual_encoder=dict(type=CLIPVisionModel.from_pretrained,
+                        pretrained_model_name_or_path=visual_encoder_name_or_path),
     # config=None rebuilds the TSM from the config stored in its checkpoint
     tsm=dict(checkpoint=tsm_checkpoint, config=None, meta=data_root + "meta.json"),
     ep_mode=ep_mode,
