@@ -16,9 +16,16 @@ IMAGE_TOKEN_INDEX = -200
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
-    from xtuner_vitask.testing import build_tiny_llava
+    """Written by the CLI (`xtuner-vitask make-tiny --llava`), as a user would."""
+    import argparse
 
-    return str(build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny_llava"))
+    from xtuner_vitask.cli import make_tiny
+
+    out = tmp_path_factory.mktemp("llava") / "tiny_llava"
+    parser = argparse.ArgumentParser()
+    make_tiny.add_arguments(parser)
+    assert make_tiny.run(parser.parse_args([str(out), "--llava"])) == 0
+    return str(out)
 
 
 def _model(tiny, tsm=None, **kwargs):

@@ -148,7 +148,7 @@ def build_tiny_llava(out_dir, image_size=56, patch_size=14, vision_hidden=64, ll
         _write_visual_encoder(staging / "visual_encoder", image_size, patch_size, vision_hidden, num_layers, seed)
         _write_projector(staging / "projector_pretrain.pth", vision_hidden, llm_hidden, projector_depth, seed)
         (staging / "README.md").write_text(
-            "# Tiny LLaVA for tests (random weights)\n\nWritten by `xtuner_vitask.testing.build_tiny_llava`.\n\n"
+            "# Tiny LLaVA for tests (random weights)\n\nWritten by `xtuner-vitask make-tiny --llava`.\n\n"
             f"- llm/: InternLM2ForCausalLM (remote code), hidden {llm_hidden}, {num_layers} layers\n"
             f"- visual_encoder/: CLIPVisionModel, {image_size} px, patch {patch_size}, "
             f"{(image_size // patch_size) ** 2} image tokens\n"
