@@ -159,6 +159,20 @@ def test_bad_llava_inputs_are_one_clear_error(tiny_llava, derma_data, tmp_path):
     with pytest.raises(VITaskError, match="ep_mode"):
         _model(tiny_llava, ep_mode="middle")
 
+    from xtuner_vitask.inference.llava import evaluate_llava_export, load_llava_export
+
+    export = tmp_path / "export"
+    (export / "projector").mkdir(parents=True)
+    with pytest.raises(VITaskError, match="--llm FOLDER"):
+        load_llava_export(str(export), None, f"{tiny_llava}/visual_encoder")
+    with pytest.raises(VITaskError, match="no EP parts"):
+        load_llava_export(str(export), f"{tiny_llava}/llm", f"{tiny_llava}/visual_encoder", use_ep=True)
+    with pytest.raises(VITaskError, match="xtuner chat --llava"):
+        evaluate_llava_export(str(export), f"{derma_data}/test.jsonl", f"{tiny_llava}/llm",
+                              f"{tiny_llava}/visual_encoder", mode="generate")
+    with pytest.raises(VITaskError, match="not a LLaVA export"):
+        load_llava_export(str(tmp_path), f"{tiny_llava}/llm", f"{tiny_llava}/visual_encoder")
+
 
 @pytest.mark.parametrize("size", ["1_8b", "7b"])
 def test_llava_configs_carry_xtuners_finetune_settings(size):
@@ -254,7 +268,8 @@ def test_llava_trains_both_stages_exports_and_xtuner_chat_answers(tmp_path, tiny
                               str(work / "vitask_llava_tiny_cpu.py"), str(work / "iter_24.pth"), str(out), "--fp32"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert convert.returncode == 0, convert.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["llm_adapter", "projector", "xtuner_config.py"]
+    # + VITask's EP parts beside them (connector/, tsm/), which xtuner chat ignores
+    assert sorted(os.listdir(out)) == ["connector", "llm_adapter", "projector", "tsm", "xtuner_config.py"]
 
     # XTuner's own chat tool, driven through stdin, answers with the image ...
     record = json.loads(open(f"{derma_data}/train.jsonl").readline())
@@ -276,3 +291,29 @@ def test_llava_trains_both_stages_exports_and_xtuner_chat_answers(tmp_path, tiny
     ds = _dataset(tiny_llava, derma_data, tsm_checkpoint=tiny_tsm)
     expected = _greedy_answer(model, ds, record["conversations"], image, 16)
     assert answer.strip() == expected.strip() and expected.strip()
+
+    # `xtuner-vitask eval` scores the export with EP: the trained model's own scores
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "xtuner_vitask.cli.main", "eval", str(out), "--data", f"{derma_data}/test.jsonl",
+         "--llm", f"{tiny_llava}/llm", "--visual-encoder", f"{tiny_llava}/visual_encoder", "--ep", "--max-samples", "8",
+         "--out", str(tmp_path / "eval"), "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["use_ep"] and report["n"] == 8 and report["variant"] == "llava-ep"
+
+    from xtuner_vitask.contract import load_meta
+    from xtuner_vitask.evaluation.evaluate import read_records
+    from xtuner_vitask.evaluation.ranking import candidate_responses, rank_records
+    from xtuner_vitask.inference.llava import LLaVAModelInputs
+
+    meta = load_meta(f"{derma_data}/meta.json")
+    records = read_records(f"{derma_data}/test.jsonl", meta, 8)
+    inputs = LLaVAModelInputs(ds, ds.tsm_transform)
+    candidates = candidate_responses(meta.task())
+    scores = {ep: rank_records(model, inputs, records, derma_data, candidates, use_ep=ep, strategy="full-sequence",
+                               progress=False) for ep in (True, False)}
+    assert (scores[True] - scores[False]).abs().max() > 1e-4  # EP changes the scores: the connector matters
+    probabilities = torch.softmax(scores[True], dim=1)
+    for sample, expected_p in zip(report["samples"], probabilities):
+        torch.testing.assert_close(torch.tensor(sample["probabilities"]), expected_p, atol=2e-5, rtol=0)

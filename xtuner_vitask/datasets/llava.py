@@ -94,6 +94,16 @@ class LLaVADatasetFormat(InternVL2Dataset):
         self.use_thumbnail, self.downsample_ratio = False, 1.0
         self.transformer = LLaVAImageTransform(self.image_processor, self.pad_image_to_square)
 
+    @classmethod
+    def format_only(cls, model_path, visual_encoder_path, template="internlm2_chat", system="", max_length=8192,
+                    pad_image_to_square=True):
+        """The format of an LLM + vision tower with no records (evaluation)."""
+        self = cls.__new__(cls)
+        self.visual_encoder_path, self.pad_image_to_square = visual_encoder_path, pad_image_to_square
+        LLaVADatasetFormat._init_format(self, model_path, template, system, False, max_length)
+        self.data_paths, self.data, self.image_folder, self.lines, self.group_length = [], [], [], [], []
+        return self
+
     # ---- tokenization (XTuner's LLaVA functions) ------------------------------------------------
     def encode(self, conversations, with_output=True):
         """(input_ids, labels) with ONE ``IMAGE_TOKEN_INDEX`` for the image, as XTuner's LLaVADataset builds them;

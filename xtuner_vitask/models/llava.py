@@ -196,3 +196,13 @@ class VITaskLLaVA(VITask, LLaVA):
         check_vitask_arguments(ep_mode, alpha, beta)
         super().__init__(llm, visual_encoder, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
         self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix)
+
+    def to_hf(self, cfg, save_dir, fp32=False, save_pretrained_kwargs=None, save_format="xtuner", **kwargs):
+        """XTuner's export (``xtuner convert pth_to_hf``: its LLaVA layout for ``xtuner chat --llava``), plus the
+        EP parts beside it in the xtuner format (``export/llava.py``: connector/ and tsm/)."""
+        super().to_hf(cfg, save_dir, fp32=fp32, save_pretrained_kwargs=save_pretrained_kwargs or {},
+                      save_format=save_format, **kwargs)
+        if save_format == "xtuner":
+            from ..export.llava import write_ep_parts
+
+            write_ep_parts(self, save_dir)
