@@ -198,6 +198,40 @@ def test_llava_configs_carry_xtuners_finetune_settings(size):
     assert warmup.end >= 2 and cosine.end == len(curve) == 2 * iters and max(curve) == pytest.approx(lr)
 
 
+def test_ranking_strategies_agree_on_llava(tiny_llava, derma_data):
+    """The evaluation loop's two ranking strategies on the LLaVA adapter and format: same scores (1e-4),
+    with and without EP."""
+    from xtuner_vitask.contract import load_meta
+    from xtuner_vitask.evaluation.evaluate import read_records
+    from xtuner_vitask.evaluation.ranking import candidate_responses, rank_records
+    from xtuner_vitask.inference.llava import LLaVAModelInputs
+
+    torch.manual_seed(0)
+    model = _model(tiny_llava).eval()
+    torch.nn.init.normal_(model.connector.proj[3].weight, std=0.5)  # an exemplar that moves the scores
+    inputs = LLaVAModelInputs.for_export(f"{tiny_llava}/llm", f"{tiny_llava}/visual_encoder")
+    meta = load_meta(f"{derma_data}/meta.json")
+    records = read_records(f"{derma_data}/test.jsonl", meta, 5)
+    candidates = candidate_responses(meta.task())
+    exemplars = _ExemplarsById({r["id"]: torch.randn(24, generator=torch.Generator().manual_seed(i))
+                                for i, r in enumerate(records)})
+    scores = {}
+    for ep in (False, True):
+        for strategy in ("shared-prefix", "full-sequence"):
+            scores[ep, strategy] = rank_records(model, inputs, records, derma_data, candidates, use_ep=ep,
+                                                batch_size=3, strategy=strategy, progress=False,
+                                                exemplars=exemplars if ep else None)
+        torch.testing.assert_close(scores[ep, "shared-prefix"], scores[ep, "full-sequence"], atol=1e-4, rtol=0)
+    assert (scores[True, "full-sequence"] - scores[False, "full-sequence"]).abs().max() > 1e-3
+
+
+class _ExemplarsById(dict):
+    """Cached exemplars as the ranking reads them: ``cache[[ids]]`` -> (B, D)."""
+
+    def __getitem__(self, ids):
+        return torch.stack([dict.__getitem__(self, i) for i in ids])
+
+
 # ---- end to end (slow) --------------------------------------------------------------------------------
 def llava_options(tiny, data, tsm_checkpoint, *extra):
     """--cfg-options that point configs/vitask_llava_tiny_cpu.py at the fixtures."""

@@ -150,7 +150,7 @@ def score_shared_prefix(model, inputs, batch, candidates, use_ep=False, exemplar
         cont_ids[c, :len(ids)], cont_mask[c, :len(ids)] = torch.tensor(ids), True
         target[c, :len(ids)] = torch.tensor(is_target)
     cont_ids, cont_mask, target = (x.to(device).repeat(n_rec, 1) for x in (cont_ids, cont_mask, target))
-    cont_embeds = model.model.language_model.get_input_embeddings()(cont_ids)
+    cont_embeds = decoder.get_input_embeddings()(cont_ids)  # the LLM's own (any VLM adapter's decoder)
     full_mask = torch.cat([mask.repeat_interleave(n_cand, 0), cont_mask], 1).long()
     cont_pos = positions[:, -1:].repeat_interleave(n_cand, 0) + 1 + torch.arange(cont_len, device=device)
     hidden = decoder(inputs_embeds=cont_embeds, attention_mask=full_mask, position_ids=cont_pos,

@@ -107,15 +107,19 @@ class LLaVAModelInputs(ModelInputs):
         return self.fmt.get_inputid_labels(list(conversations))
 
     def prompt_ids(self, conversations, n_tiles):
-        ids, labels = self.fmt.encode(list(conversations), with_output=False)
+        conversations = list(conversations)
+        if conversations and conversations[-1]["from"] == "human":  # XTuner's map fn builds turns at answers
+            conversations.append({"from": "gpt", "value": ""})
+        ids, labels = self.fmt.encode(conversations, with_output=False)
         return self.fmt.expand_image_tokens(ids, labels)[0]
 
 
 def evaluate_llava_export(export_dir, data_path, llm, visual_encoder, use_ep=None, mode="rank", batch_size=8,
                           max_samples=None, progress=True, verbose=False, attn_implementation="auto",
-                          template="internlm2_chat"):
-    """Score a LLaVA export on ``data_path`` by likelihood ranking of the label names; the report of
-    ``inference.exports.evaluate_export``. (Generate mode is ``xtuner chat``'s: not here.)"""
+                          template="internlm2_chat", strategy="shared-prefix"):
+    """Score a LLaVA export on ``data_path`` by likelihood ranking of the label names (``strategy``: see
+    ``evaluation.ranking``); the report of ``inference.exports.evaluate_export``. (Generate mode is
+    ``xtuner chat``'s: not here.)"""
     from ..contract import load_meta
 
     if mode != "rank":
@@ -128,11 +132,11 @@ def evaluate_llava_export(export_dir, data_path, llm, visual_encoder, use_ep=Non
     use_ep = hasattr(model, "connector")
     inputs = LLaVAModelInputs.for_export(llm, visual_encoder, model.tsm.preprocess if use_ep else None, template)
     report = dict(model=os.path.abspath(export_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
-                  rank_impl="full-sequence", variant="llava-ep" if read_settings(export_dir) else "llava",
+                  rank_impl=strategy, variant="llava-ep" if read_settings(export_dir) else "llava",
                   n=len(records))
     started = time.perf_counter()
     report.update(evaluate_records(model, inputs, records, meta, os.path.dirname(os.path.abspath(data_path)),
-                                   mode=mode, use_ep=use_ep, batch_size=batch_size, strategy="full-sequence",
+                                   mode=mode, use_ep=use_ep, batch_size=batch_size, strategy=strategy,
                                    train_records=train_records_beside(data_path, meta), progress=progress))
     report["seconds"] = time.perf_counter() - started
     report["samples_per_second"] = len(records) / max(report["seconds"], 1e-9)
