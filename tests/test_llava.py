@@ -351,3 +351,22 @@ def test_llava_trains_both_stages_exports_and_xtuner_chat_answers(tmp_path, tiny
     probabilities = torch.softmax(scores[True], dim=1)
     for sample, expected_p in zip(report["samples"], probabilities):
         torch.testing.assert_close(torch.tensor(sample["probabilities"]), expected_p, atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_llava_under_deepspeed_zero2_keeps_the_connector_frozen_in_stage2(tmp_path, tiny_llava, derma_data, tiny_tsm):
+    """XTuner's --deepspeed path (ZeRO-2, one process on CPU) with the LLaVA adapter: both stages run and the
+    connector is bit-identical from the switch (iteration 12) to the end, while the LoRA and projector train."""
+    from xtuner.model.utils import guess_load_checkpoint
+
+    run_train("configs/vitask_llava_tiny_cpu.py", tmp_path, *llava_options(tiny_llava, derma_data, tiny_tsm,
+                                                                          "default_hooks.checkpoint.interval=12",
+                                                                          "default_hooks.checkpoint.max_keep_ckpts=2"),
+              deepspeed="configs/deepspeed/zero2_cpu.json")
+    at_12, at_24 = (guess_load_checkpoint(str(tmp_path / f"iter_{n}.pth")) for n in (12, 24))
+    connector = [k for k in at_24 if k.startswith("connector.")]
+    trained = [k for k in at_24 if k.startswith(("projector.", "llm."))]
+    assert connector and trained
+    assert all(torch.equal(at_12[k], at_24[k]) for k in connector)
+    assert not all(torch.equal(at_12[k], at_24[k]) for k in trained)
+
