@@ -183,6 +183,11 @@ def split_ep_backward(model, decoder):
     """Whether the EP pass's gradient can be taken on its own (see the module docstring)."""
     if not torch.is_grad_enabled() or (model.use_rda and not model.detach_rda):
         return False  # RDA*: the EP logits get RDA's gradient too, so EP is coupled to the plain pass
+    if getattr(model, "image_features_trainable", False):
+        # a trained projector (LLaVA's finetune, InternVL2 with mlp1 trained): every embedding of the batch comes
+        # out of the one op that placed the image features, so the EP pass's own backward would free the graph
+        # the plain pass still needs
+        return False
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
         # checkpointed, the EP pass keeps only its layer inputs, less than the trunk keys/values' gradient
         return False
