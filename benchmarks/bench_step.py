@@ -120,7 +120,7 @@ def build_batch(model_path: str, data: str, batch_size: int, system_tokens, devi
     """``batch_size`` samples collated as training does, with cached CLS exemplars; and the prompt layout."""
     from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
     from xtuner_vitask.datasets.templates import chat_template
-    from xtuner_vitask.models.internvl import load_internvl_config
+    from xtuner_vitask.internvl_config import load_internvl_config
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
@@ -157,7 +157,7 @@ def default_attention(model_path, cuda):
     """flash-attention 2 where it imports and CUDA runs; else SDPA, or eager for InternLM2 (no SDPA there)."""
     import importlib.util
 
-    from xtuner_vitask.models.internvl import load_internvl_config
+    from xtuner_vitask.internvl_config import load_internvl_config
 
     if cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
@@ -167,7 +167,7 @@ def default_attention(model_path, cuda):
 def lora_config(model_path):
     from peft import LoraConfig
 
-    from xtuner_vitask.models.internvl import load_internvl_config
+    from xtuner_vitask.internvl_config import load_internvl_config
 
     llm = load_internvl_config(model_path).llm_config.model_type
     targets = (["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]

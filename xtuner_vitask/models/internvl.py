@@ -14,15 +14,14 @@ Only what blocks those differs from XTuner:
 """
 import contextlib
 import copy
-import os
 
 import torch
 import xtuner.model.internvl as xtuner_internvl
 from mmengine.config import ConfigDict
-from transformers import AutoConfig
 from xtuner.model import InternVL_V1_5
 
 from ..errors import VITaskError
+from ..internvl_config import load_internvl_config  # noqa: F401 (re-exported)
 from . import losses
 from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (re-exported)
                         resolve_attn_implementation)
@@ -44,25 +43,6 @@ def resolve_dtype(name):
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
     except KeyError:
         raise VITaskError(f"torch_dtype={name!r}: use 'auto', 'bfloat16', 'float16' or 'float32'") from None
-
-
-def load_internvl_config(model_path):
-    """The checkpoint's InternVLChatConfig, or one clear error for a missing or non-InternVL folder."""
-    try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        if not os.path.exists(model_path):
-            raise VITaskError(
-                f"model {model_path} is not a local folder and could not be fetched: download the InternVL2 "
-                "checkpoint (huggingface-cli download OpenGVLab/InternVL2-2B --local-dir ...) and pass its folder"
-            ) from None
-        raise VITaskError(f"cannot read an InternVL2 config from {model_path}: {str(err).splitlines()[0]}") from None
-    if not (hasattr(config, "llm_config") and hasattr(config, "vision_config")):
-        raise VITaskError(
-            f"{model_path} is not an InternVL2 checkpoint (model_type={getattr(config, 'model_type', '?')!r}, "
-            "no llm_config/vision_config): pass an InternVL2 folder"
-        )
-    return config
 
 
 @contextlib.contextmanager
