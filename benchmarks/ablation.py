@@ -44,7 +44,7 @@ VITASK_ROWS = {  # row -> extra --cfg-options of configs/vitask_tiny_cpu.py
 TABLE2 = ("base", "+RDA", "+CRT", "+both", "RDA*")
 # The demo's data and TSM, one stage-1 epoch less per run (30 runs must fit ~35 min on 2 cores;
 # measured: EP is read by the LLM after ~3 stage-1 epochs of this set).
-ABLATION = replace(demo.FULL, stage1_epochs=3, vanilla_epochs=4)
+ABLATION = demo.FULL
 
 
 def eval_on_test(data_dir, hook):

@@ -4,7 +4,8 @@
 #   xtuner-vitask demo-data ... (or data_tools/medmnist_to_xtuner.py on a generated npz)
 # then: python -m xtuner.tools.train configs/internvl2_tiny_cpu_lora.py --work-dir work_dirs/tiny_vanilla
 from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import ConstantLR, OptimWrapper
+from mmengine.dataset import DefaultSampler
+from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
 from peft import LoraConfig
 from torch.optim import AdamW
 from xtuner.dataset.collate_fns import default_collate_fn
@@ -20,9 +21,13 @@ from xtuner_vitask.models import InternVL2
 path = "work_dirs/tiny_internvl2"
 data_root = "data/generated_dermamnist/"
 batch_size = 8
-max_epochs = 1
-lr = 1e-3
 seed = 0
+# Schedule: the same rule as configs/vitask_tiny_cpu.py (same steps = stage 1 + stage 2 epochs, same data
+# order, lr, warm-up and cosine); the demo and benchmarks/ablation.py compare the two recipes this way.
+max_epochs = 6
+lr = 2e-3
+warmup_ratio = 0.03
+data_seed = 0
 
 #######################################################################
 #                      PART 2  Model                                  #
@@ -51,7 +56,7 @@ train_dataloader = dict(
     num_workers=0,
     dataset=dict(type=InternVL2Dataset, model_path=path, data_paths=data_root + "train.jsonl",
                  dynamic_image_size=False, max_length=512),
-    sampler=dict(type="DefaultSampler", shuffle=True),
+    sampler=dict(type=DefaultSampler, shuffle=True, seed=data_seed),
     collate_fn=dict(type=default_collate_fn),
 )
 
@@ -60,7 +65,12 @@ train_dataloader = dict(
 #######################################################################
 optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=lr, weight_decay=0.0),
                      clip_grad=dict(max_norm=1.0))
-param_scheduler = [dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=0)]
+param_scheduler = [
+    dict(type=LinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+         convert_to_iter_based=True),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
+         convert_to_iter_based=True),
+]
 train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 
 #######################################################################

@@ -28,36 +28,32 @@ from .errors import VITaskError
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"tsm": "configs/tsm_tiny_cpu.py", "vitask": "configs/vitask_tiny_cpu.py",
            "vanilla": "configs/internvl2_tiny_cpu_lora.py"}
+TINY_LLM = "qwen2"  # the LLM class of the tiny InternVL2
 ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
              "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and schedule of one demo run (the tiny configs' other values apply)."""
+    """Data, model and TSM of one demo run. The VLM schedule is the tiny configs' own (stage 1 + stage 2
+    epochs of configs/vitask_tiny_cpu.py = the epochs of configs/internvl2_tiny_cpu_lora.py)."""
 
-    flag: str = "octmnist"  # 4 classes, short label names: a random tiny LLM learns them in minutes
+    flag: str = "octmnist"  # 4 classes, short label names: a tiny LLM learns them in minutes
     n_per_split: tuple = (280, 70, 140)  # generated set: train, val, test images
+    data_style: str = "shapes"  # medmnist_npz style: class = shape + region, partly visible to a frozen encoder
+    pretrained: bool = True  # the tiny InternVL2 pretrained into a small generalist (make-tiny --pretrain)
     vlm_image_size: int = 64
     tsm_epochs: int = 8
-    stage1_epochs: int = 5  # the random LLM reads the exemplar token only after ~3 epochs (measured)
-    stage2_epochs: int = 1
-    connector_lr_mult: float = 10.0  # the new connector starts from scratch (x30 measured no faster)
-    vanilla_epochs: int = 6  # = stage1 + stage2: the same number of steps on the same files
     eval_batch_size: int = 16
-
-    @property
-    def vitask_epochs(self):
-        return self.stage1_epochs + self.stage2_epochs
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, n_per_split=(160, 32, 64), tsm_epochs=4, stage1_epochs=2, vanilla_epochs=3)  # a smoke run
+QUICK = replace(FULL, n_per_split=(64, 16, 32), tsm_epochs=4)  # a smoke run: same schedule, 8 steps an epoch
 
 
 # ----------------------------------------------------------------------------------------- data
 def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=0,
-              instruction_variant="complete", progress=False):
+              instruction_variant="complete", progress=False, style=FULL.data_style):
     """The instruction data folder (train/val/test.jsonl + images + meta.json) under ``out_dir``.
 
     Without ``download``: a generated, learnable npz in MedMNIST's layout (``<flag>.npz`` plus its
@@ -74,7 +70,7 @@ def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=
                                 instruction_variant=instruction_variant, force=True, progress=progress)
     npz = out_dir / "generated" / f"{flag}.npz"
     if not npz.is_file():
-        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True)
+        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True, style=style)
     import warnings
 
     with warnings.catch_warnings():  # split sizes differ from medmnist.INFO's: expected for a generated set
@@ -93,14 +89,19 @@ def data_label(meta):
     return "generated" if meta.get("generated") else meta["dataset"]
 
 
-def build_vlm(out_dir, image_size=FULL.vlm_image_size):
-    """The tiny random-weight InternVL2 (Qwen2 LLM) folder; reused when already there."""
+def build_vlm(out_dir, image_size=FULL.vlm_image_size, pretrained=True, echo=print):
+    """The tiny InternVL2 folder: pretrained into a small generalist (``make-tiny --pretrain``) or with random
+    weights; reused when already there (the pretrained one when made with the same settings)."""
     from .testing import build_tiny_internvl
+    from .testing.pretrain import build_pretrained_tiny
 
+    tiny = dict(llm=TINY_LLM, image_size=image_size, patch_size=16)
+    if pretrained:
+        return Path(build_pretrained_tiny(Path(out_dir) / "tiny_internvl2_pretrained", echo=echo, **tiny))
     path = Path(out_dir) / "tiny_internvl2"
     if (path / "config.json").is_file():
         return path
-    return Path(build_tiny_internvl(path, llm="qwen2", image_size=image_size, patch_size=16, force=True))
+    return Path(build_tiny_internvl(path, force=True, **tiny))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -194,29 +195,26 @@ def tsm_options(data_dir, num_classes, epochs, seed=0):
             f"train_cfg.max_epochs={epochs}", "default_hooks.logger.interval=1", f"randomness.seed={seed}"]
 
 
-def vlm_options(model_dir, data_dir, epochs, seed=0, eval_batch_size=16):
-    """Options shared by the VITask and vanilla tiny configs: model, data, length, seed, end-of-run val eval."""
+def vlm_options(model_dir, data_dir, seed=0, eval_batch_size=16):
+    """Options shared by the VITask and vanilla tiny configs: model, data, seed (weights and data order),
+    end-of-run val eval. Nothing about the schedule: that is the configs' own."""
     return [f"model.model_path={model_dir}", f"train_dataloader.dataset.model_path={model_dir}",
-            f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}", f"train_cfg.max_epochs={epochs}",
-            f"randomness.seed={seed}", "model.llm=None",
+            f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}",
+            f"randomness.seed={seed}", f"train_dataloader.sampler.seed={seed}", "model.llm=None",
             "default_hooks.checkpoint.interval=100000", f"custom_hooks.{{hook}}.batch_size={eval_batch_size}"]
 
 
 def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, extra=()):
     """--cfg-options for configs/vitask_tiny_cpu.py (hooks: 0 = stage switch, 1 = eval)."""
-    opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, settings.vitask_epochs, seed,
-                                                   settings.eval_batch_size)]
+    opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + [f"model.tsm.meta={Path(data_dir) / 'meta.json'}", f"model.tsm.checkpoint={tsm_checkpoint}",
-                   f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}",
-                   f"custom_hooks.0.switch_epoch={settings.stage1_epochs}", "custom_hooks.1.interval=100000",
-                   f"optim_wrapper.paramwise_cfg.custom_keys.connector.lr_mult={settings.connector_lr_mult}",
+                   f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}", "custom_hooks.1.interval=100000",
                    *extra]
 
 
 def vanilla_options(model_dir, data_dir, settings=FULL, seed=0, extra=()):
     """--cfg-options for configs/internvl2_tiny_cpu_lora.py (hook 0 = eval)."""
-    opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, settings.vanilla_epochs, seed,
-                                                   settings.eval_batch_size)]
+    opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + ["custom_hooks.0.interval=100000", *extra]
 
 
@@ -336,7 +334,8 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
         echo(f"\n== {text}  [{time.perf_counter() - started:.0f} s]")
 
     step(f"data: {'MedMNIST ' + flag + ' (download)' if download else 'generated ' + flag + ' (MedMNIST npz layout)'}")
-    data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed)
+    data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed,
+                         style=settings.data_style)
     meta = read_meta(data_dir)
     name = data_label(meta)
     counts = {k: v["total"] for k, v in meta["counts"].items()}
@@ -344,7 +343,7 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
          + (" -- GENERATED images, not real MedMNIST" if name == "generated" else ""))
 
     step("tiny InternVL2 (random weights, frozen vision encoder)")
-    model_dir = build_vlm(out, settings.vlm_image_size)
+    model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
 
     step("TSM: tiny ViT classifier trained on the task")
     tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, len(meta["label_names"]), settings.tsm_epochs, seed),
