@@ -29,7 +29,7 @@ mode=cpu
 [ "${1:-}" = "--gpu" ] && mode=gpu
 
 stamp="$VENV/.xtuner-vitask-$mode"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt install.sh ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt install.sh ]; then
   exit 0  # already installed and nothing changed
 fi
 

@@ -4,8 +4,9 @@ on the same export and test set, side by side, with their agreement.
     python benchmarks/bench_eval.py MODEL_DIR --data test.jsonl [--batch-size 8] [--ep/--no-ep] [--max-samples N]
 
 The model is loaded once and every mode runs on it (a warm-up batch of each first, untimed). Rows:
-rank as `xtuner-vitask eval` runs it (prompt computed once, evaluation/prefix_rank.py), rank with one
-full sequence per candidate (evaluation/ranking.py, as the training-time eval hook), and generate.
+rank as `xtuner-vitask eval` and the training-time eval hook run it (strategy "shared-prefix": the prompt
+computed once), rank with one full sequence per candidate (strategy "full-sequence", the reference; both in
+evaluation/ranking.py), and generate.
 Columns: wall seconds, samples/s, accuracy, macro-F1, unparsable answers, accuracy on the samples
 whose generated answer parsed (every mode on that same subset), and agreement with generate on it.
 `--threads 1` (default) keeps timings stable on a busy machine. Goal (issue 6): rank >= 5x faster
@@ -36,17 +37,17 @@ def parse_args(argv=None):
 def main(argv=None):
     import torch
 
-    from xtuner_vitask.evaluation.evaluate import evaluate_export
-    from xtuner_vitask.export.folder import inspect_export, load_export_model
+    from xtuner_vitask.inference.exports import evaluate_export, load_model
+    from xtuner_vitask.export.folder import inspect_export
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = inspect_export(args.model_dir, need_ep=bool(args.use_ep))
     use_ep = info.has_ep if args.use_ep is None else args.use_ep
-    model = load_export_model(info, use_ep=use_ep)
+    model = load_model(info, use_ep)
     common = dict(use_ep=use_ep, batch_size=args.batch_size, progress=False, model=model)
-    runs = {"rank": dict(mode="rank"), "rank-full": dict(mode="rank", shared_prefix=False),
+    runs = {"rank": dict(mode="rank"), "rank-full": dict(mode="rank", strategy="full-sequence"),
             "generate": dict(mode="generate")}
     for kwargs in runs.values():  # warm-up: first-call costs (allocations, lazy imports) are not timed
         evaluate_export(args.model_dir, args.data, max_samples=args.batch_size, **kwargs, **common)

@@ -15,10 +15,8 @@ from PIL import Image
 
 from medmnist.info import INFO
 from xtuner_vitask.data import convert_external, convert_medmnist, merge_sets
-from xtuner_vitask.data.medmnist import (
-    MEDMNIST_2D_FLAGS, MODALITY, NO_FINDING, dataset_info, format_response, instruction, label_names,
-    parse_response, task_type,
-)
+from xtuner_vitask.data.medmnist import MEDMNIST_2D_FLAGS, MODALITY, dataset_info, label_names, task_type
+from xtuner_vitask.formats import NO_FINDING, format_response, instruction, parse_response
 from xtuner_vitask.data.npz import SplitSizeWarning, npz_filename
 from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.testing.medmnist_npz import write_medmnist_npz
@@ -435,17 +433,16 @@ def test_merge_refuses_duplicates(converted, tmp_path):
     assert leftovers(tmp_path, "m") == []
 
 
-def test_nested_cli_subcommand(npz_root, tmp_path):
-    import argparse
+def test_registered_cli_subcommands(npz_root, tmp_path, capsys):
+    from xtuner_vitask.cli import convert
+    from xtuner_vitask.cli.main import main
 
-    from xtuner_vitask.cli import convert as cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    args = parser.parse_args(["medmnist", "--flag", "pneumoniamnist", "--root", str(npz_root), "--out",
-                              str(tmp_path / "o"), "--limit-per-split", "4", "--no-progress"])
-    assert cli.run(args) == 0 and len(read_jsonl(tmp_path / "o" / "val.jsonl")) == 4
-    args = parser.parse_args(["merge", str(tmp_path / "o"), str(npz_root), "--out", str(tmp_path / "m")])
-    with pytest.raises(VITaskError, match="meta file not found"):
-        cli.run(args)
-    assert set(cli.COMMANDS) == {"convert-medmnist", "convert-external", "merge-sets"}
+    assert main(["convert-medmnist", "--flag", "pneumoniamnist", "--root", str(npz_root), "--out",
+                 str(tmp_path / "o"), "--limit-per-split", "4", "--no-progress"]) == 0
+    assert len(read_jsonl(tmp_path / "o" / "val.jsonl")) == 4
+    capsys.readouterr()
+    assert main(["merge-sets", str(tmp_path / "o"), str(npz_root), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "meta.json does not exist" in err and not (tmp_path / "m").exists()
+    assert set(convert.COMMANDS) == {"convert-medmnist", "convert-external", "merge-sets"}
+    assert not hasattr(convert, "add_arguments")  # the unregistered nested `convert` subcommand is gone

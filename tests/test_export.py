@@ -95,7 +95,7 @@ def test_label_names_must_match_the_training_meta(tmp_path):
 
 
 def test_unreadable_image_in_chat(tmp_path):
-    from xtuner_vitask.cli.chat import read_image
+    from xtuner_vitask.evaluation.inputs import read_image
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")

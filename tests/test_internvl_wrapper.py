@@ -100,5 +100,5 @@ def test_dataset_bad_files_are_clear_errors(tiny_model, tmp_path):
         InternVL2Dataset(tiny_model, str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png"}\n')
-    with pytest.raises(VITaskError, match="no 'conversations'"):
+    with pytest.raises(VITaskError, match="line 1: needs 'conversations'"):
         InternVL2Dataset(tiny_model, str(bad))

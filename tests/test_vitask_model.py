@@ -137,7 +137,7 @@ def test_label_outside_classes_is_refused(tiny_model, derma_data, tmp_path):
     records[3]["label"] = [42]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (tmp_path / "meta.json").write_text(open(f"{derma_data}/meta.json").read())
-    with pytest.raises(VITaskError, match="label 42 outside"):
+    with pytest.raises(VITaskError, match="line 4: label 42 is outside"):
         VITaskDataset(tiny_model, str(tmp_path / "train.jsonl"), image_folders=derma_data, tsm_img_size=32)
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +81,7 @@ def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=
 
 
 def read_meta(data_dir):
-    with open(Path(data_dir) / "meta.json", encoding="utf-8") as f:
-        return json.load(f)
+    return load_meta(data_dir).raw
 
 
 def data_label(meta):
@@ -260,7 +260,8 @@ def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False,
 def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16, progress=True, model=None):
     """Rank evaluation of an export on ``split`` (report written to ``out_dir``); returns the report.
     ``model``: an already loaded export to reuse (the EP wrapper also ranks without EP)."""
-    from .evaluation.evaluate import evaluate_export, write_report
+    from .evaluation.evaluate import write_report
+    from .inference.exports import evaluate_export
 
     report = evaluate_export(str(export_dir), str(Path(data_dir) / f"{split}.jsonl"), use_ep=use_ep, mode="rank",
                              batch_size=batch_size, progress=progress, model=model)
@@ -270,7 +271,7 @@ def evaluate(export_dir, data_dir, use_ep, out_dir, split="test", batch_size=16,
 
 def chat_once(export_dir, image, prompt, use_ep=None, max_new_tokens=24):
     """One greedy answer of the exported model about ``image``."""
-    from .cli.chat import ChatSession
+    from .inference.chat import ChatSession
 
     return ChatSession(str(export_dir), str(image), use_ep=use_ep).ask(prompt, max_new_tokens=max_new_tokens)
 
@@ -379,8 +380,7 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     rows.append({"model": "tsm", "accuracy": tsm_metrics["accuracy"], "macro_f1": tsm_metrics["macro_f1"]})
 
     step("chat once with a test image (VITask export, EP on)")
-    with open(Path(data_dir) / "test.jsonl", encoding="utf-8") as f:
-        sample = json.loads(f.readline())
+    sample = read_jsonl(Path(data_dir) / "test.jsonl")[0]
     image = Path(data_dir) / sample["image"]
     prompt = next(t["value"] for t in sample["conversations"] if t["from"] == "human").replace("<image>", "").strip()
     answer = chat_once(vitask_hf, image, prompt)

@@ -11,13 +11,13 @@
 #     model.tsm.update(checkpoint=tsm_checkpoint, meta=data_root + "meta.json")
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from mmengine.visualization import LocalVisBackend, Visualizer
 from peft import LoraConfig
 from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
 
 from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
+from xtuner_vitask.engine import WholeIterCosineAnnealingLR, WholeIterLinearLR, amp_optim_wrapper
 from xtuner_vitask.hooks import VITaskEvalHook, VITaskStageHook
 from xtuner_vitask.models import VITaskInternVL
 
@@ -100,17 +100,19 @@ train_dataloader = dict(
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
+# AmpOptimWrapper (bf16) on GPUs; on a machine without one, fp32 OptimWrapper (see xtuner_vitask.engine.optim)
 optim_wrapper = dict(
-    type=AmpOptimWrapper,
+    type=amp_optim_wrapper,
     dtype="bfloat16",
     optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
 )
+# epoch fractions round UP to whole iterations: the warmup never becomes 0 iterations on a small set or many GPUs
 param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+    dict(type=WholeIterLinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
          convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
+    dict(type=WholeIterCosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
          convert_to_iter_based=True),
 ]
 train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)

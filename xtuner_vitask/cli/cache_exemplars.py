@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from xtuner_vitask.contract import META_FILE
 from xtuner_vitask.errors import VITaskError
 
 
@@ -30,7 +31,7 @@ def run(args) -> int:
     tsm = load_tsm(resolve_checkpoint(args.tsm), config=args.config, device=device)
     for src in args.data:  # a TSM of another data set would give meaningless exemplars
         folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-        meta = os.path.join(folder, "meta.json")
+        meta = os.path.join(folder, META_FILE)
         if os.path.isfile(meta):
             check_tsm_matches_meta(tsm, meta)
         elif os.path.isdir(src):

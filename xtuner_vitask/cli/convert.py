@@ -1,9 +1,9 @@
 """Command-line front ends of the data converters (``xtuner_vitask.data``).
 
-Three commands, each an ``(add_arguments, run)`` pair in :data:`COMMANDS` (``convert-medmnist``,
-``convert-external``, ``merge-sets``); ``add_arguments``/``run`` of this module expose them as one
-``convert {medmnist,external,merge}`` subcommand. The scripts in ``data_tools/`` call
-:func:`script_main`.
+Three commands, each an ``(add_arguments, run, help)`` triple in :data:`COMMANDS`
+(``xtuner-vitask convert-medmnist | convert-external | merge-sets``); the scripts in ``data_tools/``
+call :func:`script_main`, which runs them the same way (one ``error:`` line and exit 2 on bad
+input; Ctrl-C and SIGTERM remove the partial output and exit 130/143 without tracebacks).
 """
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+from xtuner_vitask.cli.main import available_cpus, run_command
 from xtuner_vitask.data.medmnist import MEDMNIST_2D_FLAGS
-from xtuner_vitask.errors import VITaskError
-
 
 
 @contextmanager
@@ -44,7 +43,10 @@ def _plain_warnings(function):
 def _common_output(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (built under a temporary name)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    parser.add_argument("--workers", type=int, default=2, help="PNG writing processes (default 2)")
+    workers = min(2, available_cpus())
+    parser.add_argument("--workers", type=int, default=workers,
+                        help=f"PNG writing processes (default {workers}: two, at most the CPUs available; 1 = no "
+                             "extra process, kinder to a shared machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -137,30 +139,11 @@ COMMANDS = {
     "merge-sets": (add_merge_arguments, run_merge,
                    "merge converted sets into one multi-task set with a joint label space"),
 }
-_NESTED = {"medmnist": "convert-medmnist", "external": "convert-external", "merge": "merge-sets"}
-
-
-def add_arguments(parser) -> None:
-    """``convert {medmnist,external,merge} ...`` as one subcommand."""
-    sub = parser.add_subparsers(dest="convert_command", required=True)
-    for short, command in _NESTED.items():
-        add, _, help_text = COMMANDS[command]
-        add(sub.add_parser(short, help=help_text, description=help_text))
-
-
-def run(args) -> int:
-    """Run the nested ``convert`` subcommand chosen in :func:`add_arguments`."""
-    return COMMANDS[_NESTED[args.convert_command]][1](args)
 
 
 def script_main(command: str, argv=None) -> int:
     """Entry point of the data_tools scripts: parse, run, ``error: <msg>`` + exit 2 on bad input."""
-    add, run_command, help_text = COMMANDS[command]
+    add, run, help_text = COMMANDS[command]
     parser = argparse.ArgumentParser(description=help_text)
     add(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_command(args)
-    except VITaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(run, parser.parse_args(argv))

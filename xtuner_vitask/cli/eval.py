@@ -24,6 +24,32 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# ---- argument checks shared by eval, chat and ranking-plot: before anything loads --------------------------------
+def check_model_dir(path):
+    """An export folder, or one clear line: a training checkpoint, a file or a missing folder."""
+    if os.path.isfile(path) or (os.path.isdir(path) and path.rstrip("/").endswith(".pth")):
+        raise VITaskError(f"{path} is a training checkpoint, not an exported model folder: export it first "
+                          f"(xtuner convert pth_to_hf CONFIG {path} OUT_DIR) and pass OUT_DIR")
+    if not os.path.isdir(path):
+        raise VITaskError(f"model folder {path} does not exist: pass the folder written by `xtuner convert pth_to_hf`")
+
+
+def check_data_file(path, option="--data"):
+    if os.path.isdir(path):
+        jsonl = sorted(f for f in os.listdir(path) if f.endswith(".jsonl"))
+        example = os.path.join(path, jsonl[0] if jsonl else "test.jsonl")
+        raise VITaskError(f"{option} {path} is a folder: pass one of its JSONL files (e.g. {example})")
+    if not os.path.isfile(path):
+        raise VITaskError(f"{option}: data file {path} does not exist: pass a JSONL written by data_tools")
+
+
+def check_positive(option, value, none_ok=True):
+    if value is None and none_ok:
+        return
+    if value is None or value < 1:
+        raise VITaskError(f"{option} {value}: use a positive number" + (" (leave it out for all)" if none_ok else ""))
+
+
 def default_out_dir(model_dir, data, mode, use_ep):
     split = os.path.splitext(os.path.basename(data))[0]
     model = os.path.basename(os.path.normpath(model_dir))
@@ -31,13 +57,17 @@ def default_out_dir(model_dir, data, mode, use_ep):
 
 
 def run(args):
-    from ..evaluation.evaluate import evaluate_export, summary_lines, write_report
+    check_positive("--batch-size", args.batch_size, none_ok=False)
+    check_positive("--max-samples", args.max_samples)
+    check_positive("--max-new-tokens", args.max_new_tokens)
+    check_model_dir(args.model_dir)
+    check_data_file(args.data)
+    from ..evaluation.evaluate import summary_lines, write_report
+    from ..inference.exports import evaluate_export
 
-    if args.batch_size < 1:
-        raise VITaskError(f"--batch-size {args.batch_size}: use a positive number")
     report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, verbose=getattr(args, "verbose", False))
     out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
     written = write_report(report, out)
     print("\n".join(summary_lines(report)))

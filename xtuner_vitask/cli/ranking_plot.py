@@ -2,6 +2,8 @@
 import json
 import os
 
+from .eval import check_data_file, check_model_dir, check_positive
+
 
 def add_arguments(parser):
     parser.add_argument("model_dir", help="folder written by `xtuner convert pth_to_hf`")
@@ -18,25 +20,32 @@ def add_arguments(parser):
 
 
 def run(args):
-    from ..evaluation.evaluate import _load_dataset, read_records
-    from ..evaluation.response_ranking import plot_response_ranking, response_ranking
-    from ..export.folder import inspect_export, load_export_model, read_task_meta
+    check_positive("--batch-size", args.batch_size, none_ok=False)
+    check_positive("--max-samples", args.max_samples)
+    check_model_dir(args.model_dir)
+    check_data_file(args.data)
+    from ..analysis.response_ranking import plot_response_ranking, response_ranking
+    from ..evaluation.evaluate import read_records
+    from ..export.folder import inspect_export
+    from ..inference.exports import data_meta, export_inputs, load_model
 
     info = inspect_export(args.model_dir, need_ep=bool(args.use_ep))
     use_ep = info.has_ep if args.use_ep is None else args.use_ep
-    read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(args.data)), "meta.json"))
-    records = read_records(args.data, args.max_samples)
-    model = load_export_model(info, use_ep=use_ep)
-    dataset = _load_dataset(info, args.data, use_ep)
-    pos, neg = response_ranking(model, dataset, records, os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
+    meta = data_meta(info, args.data)
+    records = read_records(args.data, meta, args.max_samples)
+    model = load_model(info, use_ep, getattr(args, "verbose", False))
+    pos, neg = response_ranking(model, export_inputs(info, model, use_ep), records,
+                                os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
                                 batch_size=args.batch_size, seed=args.seed)
     title = args.title or f"{os.path.basename(os.path.normpath(args.model_dir))}{' + EP' if use_ep else ''}"
     plot_response_ranking(pos, neg, args.out, title=title)
     numbers = dict(positive=pos.tolist(), negative=neg.tolist(), use_ep=use_ep, n_pairs=len(pos),
                    positive_mean=float(pos.mean()), negative_mean=float(neg.mean()),
                    ranked_correctly=float((pos > neg).mean()))
-    with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
+    path = os.path.splitext(args.out)[0] + ".json"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # never a half-written file under the real name
         json.dump(numbers, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"{len(pos)} pairs: mean response probability {pos.mean():.4f} (positive) vs {neg.mean():.4f} (negative); "
           f"positive > negative for {100 * numbers['ranked_correctly']:.1f}% of pairs; wrote {args.out}")
     return 0

@@ -1,23 +1,18 @@
 """MedMNIST and external image sets -> XTuner InternVL instruction data (the paper's format).
 
-- :mod:`.medmnist`  label names, task types, modality phrases, instruction and response formats
+- :mod:`.medmnist`  MedMNIST's flags, label names, task types and modality phrases
 - :mod:`.npz`       locating, downloading, verifying and streaming medmnist's npz files
+- :mod:`.images`    the one image reader (16-bit/float rescaled, grayscale/RGBA/palette handled)
 - :mod:`.convert`   :func:`convert_medmnist` (npz -> images/, {split}.jsonl, meta.json)
 - :mod:`.external`  :func:`convert_external` (image folder + CSV -> the same, labels of a meta.json)
 - :mod:`.merge`     :func:`merge_sets` (several converted sets -> one with a joint label space)
+- :mod:`.writer`    the output folder (temporary name, renamed when complete), PNG writing workers
 
-Importing this package is cheap (numpy, no torch); the converters are imported on first use.
+The record and meta.json contract is :mod:`xtuner_vitask.contract`; the instruction and response
+formats are :mod:`xtuner_vitask.formats`. Importing this package is cheap (no numpy, no torch);
+the converters are imported on first use.
 """
-from xtuner_vitask.data.medmnist import (  # noqa: F401
-    MEDMNIST_2D_FLAGS, MEDMNIST_SIZES, MODALITY, NO_FINDING, TASK_TYPES, dataset_info,
-    format_response, instruction, label_names, parse_response, task_type,
-)
-
-__all__ = [
-    "MEDMNIST_2D_FLAGS", "MEDMNIST_SIZES", "MODALITY", "NO_FINDING", "TASK_TYPES", "dataset_info",
-    "format_response", "instruction", "label_names", "parse_response", "task_type",
-    "convert_medmnist", "convert_external", "merge_sets",
-]
+__all__ = ["convert_medmnist", "convert_external", "merge_sets"]
 
 
 def __getattr__(name):

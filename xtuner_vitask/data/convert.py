@@ -17,21 +17,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from xtuner_vitask.data.medmnist import (
-    MODALITY, check_flag, check_size, dataset_info, format_response, instruction, label_names,
-    task_type,
-)
+from xtuner_vitask.contract import IMAGE_TOKEN, META_FILE, MULTI_LABEL, SPLITS, write_jsonl
+from xtuner_vitask.data.medmnist import MODALITY, check_flag, check_size, dataset_info, label_names, task_type
 from xtuner_vitask.data.npz import (
-    SPLITS, check_layout, expected_md5, file_md5, generated_marker, iter_array_chunks, load_labels, locate_npz,
-    read_layout, verify_md5,
+    check_layout, expected_md5, file_md5, generated_marker, iter_array_chunks, load_labels, locate_npz, read_layout,
+    verify_md5,
 )
 from xtuner_vitask.data.sampling import stratified_indices, stratum_of, subset_size
-from xtuner_vitask.data.writer import (
-    PngWriter, atomic_output_dir, refuse_existing, write_json, write_jsonl,
-)
+from xtuner_vitask.data.writer import PngWriter, atomic_output_dir, refuse_existing, write_json
 from xtuner_vitask.errors import VITaskError
-
-IMAGE_TOKEN = "<image>"
+from xtuner_vitask.formats import format_response, instruction
 
 
 def make_record(task: str, split: str, index: int, human: str, response: str, labels) -> dict:
@@ -55,7 +50,7 @@ def class_counts(kind: str, labels: list[list[int]], num_classes: int) -> dict:
     for record_labels in labels:
         per_class[record_labels] += 1
     counts = {"total": len(labels), "per_class": per_class.tolist()}
-    if kind == "multi-label":
+    if kind == MULTI_LABEL:
         counts["no_finding"] = sum(1 for record_labels in labels if not record_labels)
     return counts
 
@@ -159,7 +154,7 @@ def convert_medmnist(
                 ),
             )
             meta["counts"][split] = class_counts(kind, split_labels, len(names))
-        write_json(tmp / "meta.json", meta)
+        write_json(tmp / META_FILE, meta)
     return out
 
 

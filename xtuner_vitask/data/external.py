@@ -9,39 +9,21 @@ by ``;`` or ``|`` (empty or ``no finding`` = none).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from xtuner_vitask.contract import META_FILE, MULTI_TASK, SPLITS, DataMeta, load_meta, write_jsonl
 from xtuner_vitask.data.convert import class_counts, make_record
-from xtuner_vitask.data.medmnist import NO_FINDING, format_response, instruction
+from xtuner_vitask.data.images import read_image
 from xtuner_vitask.data.npz import file_md5
-from xtuner_vitask.data.writer import (
-    PngWriter, atomic_output_dir, encode_png, refuse_existing, write_json, write_jsonl,
-)
+from xtuner_vitask.data.writer import PngWriter, atomic_output_dir, encode_png, refuse_existing, write_json
 from xtuner_vitask.errors import VITaskError
+from xtuner_vitask.formats import NO_FINDING, format_response, instruction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
-def read_meta(meta_path) -> dict:
-    """A converted set's meta.json (VITaskError when missing or not one of ours)."""
-    meta_path = Path(meta_path)
-    if meta_path.is_dir():
-        meta_path = meta_path / "meta.json"
-    if not meta_path.is_file():
-        raise VITaskError(f"meta file not found: {meta_path} (give a converted set's meta.json)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VITaskError(f"{meta_path} is not JSON ({exc.msg})") from None
-    for key in ("dataset", "task_type", "label_names"):
-        if key not in meta:
-            raise VITaskError(f"{meta_path} has no '{key}': give the meta.json of a converted set")
-    return meta
 
 
 def resolve_label(value: str, label_names: list[str], where: str) -> int:
@@ -62,9 +44,10 @@ def resolve_label(value: str, label_names: list[str], where: str) -> int:
     )
 
 
-def _labels_of(value: str, meta: dict, where: str) -> list[int]:
-    names = meta["label_names"]
-    if meta["task_type"] != "multi-label":
+def _labels_of(value: str, meta: DataMeta, where: str) -> list[int]:
+    task = meta.task()
+    names = list(task.label_names)
+    if not task.multi_label:
         return [resolve_label(value, names, where)]
     parts = [p for p in str(value).replace("|", ";").split(";") if p.strip()]
     if len(parts) == 1 and parts[0].strip().lower() == NO_FINDING:
@@ -83,7 +66,7 @@ def _find_image(image_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _read_rows(csv_path: Path, image_dir: Path, image_column: str, label_column: str, meta: dict):
+def _read_rows(csv_path: Path, image_dir: Path, image_column: str, label_column: str, meta: DataMeta):
     if not csv_path.is_file():
         raise VITaskError(f"CSV file not found: {csv_path}")
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -110,14 +93,13 @@ def _read_rows(csv_path: Path, image_dir: Path, image_column: str, label_column:
 
 
 def load_external_image(path: Path, size: int | None, n_channels: int) -> np.ndarray:
-    """An image as uint8 array in the set's channel count, centre-cropped square and resized to ``size``."""
+    """An image as uint8 array in the set's channel count, centre-cropped square and resized to ``size``.
+
+    16-bit and float images are rescaled to 8 bits by :func:`~xtuner_vitask.data.images.read_image`.
+    """
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if n_channels == 1 else "RGB")
-    except OSError as exc:
-        raise VITaskError(f"cannot read image {path} ({exc})") from None
+    image = read_image(path, "L" if n_channels == 1 else "RGB")
     if size:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -160,9 +142,13 @@ def convert_external(
     MedMNIST preprocesses; ``size=0`` keeps them as they are) in the meta's channel count. Records
     carry the meta's task as ``task``; the instruction is the meta's (variant overridable).
     """
-    meta = read_meta(meta_path)
-    if split not in ("train", "val", "test"):
-        raise VITaskError(f"unknown split {split!r}: choose train, val or test")
+    data_meta = load_meta(meta_path)
+    if data_meta.multi_task:
+        raise VITaskError(f"{data_meta.where} is a merged ({MULTI_TASK}) set: give the meta.json of the single set "
+                          "whose labels the external images carry")
+    meta = data_meta.raw
+    if split not in SPLITS:
+        raise VITaskError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
     variant = instruction_variant or meta.get("instruction_variant", "complete")
     human = instruction(meta.get("modality", "medical"), meta["label_names"], variant)
     out = Path(out_dir)
@@ -170,10 +156,10 @@ def convert_external(
     image_dir, csv_path = Path(image_dir), Path(csv_path)
     if not image_dir.is_dir():
         raise VITaskError(f"image folder not found: {image_dir}")
-    rows = _read_rows(csv_path, image_dir, image_column, label_column, meta)
+    rows = _read_rows(csv_path, image_dir, image_column, label_column, data_meta)
     size = meta.get("size") if size is None else (int(size) or None)
     n_channels = int(meta.get("n_channels", 3))
-    task, kind, names = meta["dataset"], meta["task_type"], meta["label_names"]
+    task, kind, names = data_meta.dataset, data_meta.task_type, list(data_meta.label_names)
     name = name or csv_path.stem
     labels = [record_labels for _, record_labels in rows]
 
@@ -190,7 +176,7 @@ def convert_external(
             record["source_image"] = path.name
             records.append(record)
         write_jsonl(tmp / f"{split}.jsonl", records)
-        write_json(tmp / "meta.json", {
+        write_json(tmp / META_FILE, {
             **{k: v for k, v in meta.items() if k not in ("counts", "source", "sampling", "generated")},
             "size": size,
             "n_channels": n_channels,
@@ -201,7 +187,7 @@ def convert_external(
                 "image_dir": str(image_dir.resolve()),
                 "csv": str(csv_path.resolve()),
                 "csv_md5": file_md5(csv_path),
-                "label_space_from": str(Path(meta_path).resolve()),
+                "label_space_from": str(Path(data_meta.where).resolve()),
             },
             "generated": False,
             "counts": {split: class_counts(kind, labels, len(names))},

@@ -1,25 +1,15 @@
-"""MedMNIST 2D data sets as the paper phrases them: label names, task types, instructions, responses.
+"""MedMNIST 2D data sets as the paper phrases them: label names, task types, modalities.
 
 Everything about a data set (label names, task, channels, split sizes, URLs, MD5) comes from
-``medmnist.INFO``; this module only adds what the paper adds on top: readable label names, a
-modality phrase per set, the instruction template and the response format, with an exact parser
-for that format (evaluation reads model answers with :func:`parse_response`).
-
-Response formats (what the ``gpt`` turn holds and :func:`parse_response` accepts):
-
-- multi-class / binary: the label name, e.g. ``melanocytic nevi``.
-- ordinal (RetinaMNIST): the grade phrase, e.g. ``moderate diabetic retinopathy (grade 2)``.
-- multi-label (ChestMNIST): present findings in index order joined by ``", "``, e.g.
-  ``effusion, infiltration``; ``no finding`` when none is present.
-
-Parsing is case-insensitive, collapses whitespace and ignores one trailing period; anything else
-(an unknown name, findings out of order or repeated) is unparsable and gives ``None``.
+``medmnist.INFO``; this module only adds what the paper adds on top: readable label names and a
+modality phrase per set. The instruction and response formats are in :mod:`xtuner_vitask.formats`.
 """
 from __future__ import annotations
 
 import importlib.util
 import re
 
+from xtuner_vitask.contract import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
 from xtuner_vitask.errors import VITaskError
 
 # The 12 MedMNIST 2D classification sets of the paper, in medmnist's order.
@@ -47,14 +37,12 @@ MODALITY = {
     "organsmnist": "abdominal CT",
 }
 
-TASK_TYPES = ("multi-class", "binary", "multi-label", "ordinal")
-
-# medmnist's task strings -> the four kinds of responses this project formats.
+# medmnist's task strings -> the contract's task types.
 _TASK_TYPE_OF_MEDMNIST_TASK = {
-    "multi-class": "multi-class",
-    "binary-class": "binary",
-    "multi-label, binary-class": "multi-label",
-    "ordinal-regression": "ordinal",
+    "multi-class": MULTI_CLASS,
+    "binary-class": BINARY,
+    "multi-label, binary-class": MULTI_LABEL,
+    "ordinal-regression": ORDINAL,
 }
 
 # Where medmnist's label is terse, the readable phrase (the meaning is medmnist's own).
@@ -67,8 +55,6 @@ _READABLE_LABEL = {
     ("retinamnist", "3"): "severe diabetic retinopathy (grade 3)",
     ("retinamnist", "4"): "proliferative diabetic retinopathy (grade 4)",
 }
-
-NO_FINDING = "no finding"
 
 _info_cache = None
 
@@ -141,69 +127,5 @@ def label_names(flag: str) -> list[str]:
 
 
 def task_type(flag: str) -> str:
-    """'multi-class', 'binary', 'multi-label' or 'ordinal', from ``medmnist.INFO[flag]['task']``."""
+    """The contract's task type of ``flag`` (one of ``contract.TASK_TYPES``), from ``medmnist.INFO[flag]['task']``."""
     return _TASK_TYPE_OF_MEDMNIST_TASK[dataset_info(flag)["task"]]
-
-
-def instruction(modality: str, label_names: list[str], variant: str = "complete") -> str:
-    """The paper's instruction; ``variant='incomplete'`` drops the list of diagnoses (paper Fig. 5)."""
-    base = f"Analyze the given {modality} image for diagnosis."
-    if variant == "complete":
-        return f"{base} The possible diagnoses are: {', '.join(label_names)}."
-    if variant == "incomplete":
-        return base
-    raise VITaskError(f"unknown instruction variant {variant!r}: choose 'complete' or 'incomplete'")
-
-
-def _check_task_type(task_type: str) -> None:
-    if task_type not in TASK_TYPES:
-        raise VITaskError(f"unknown task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
-
-
-def format_response(task_type: str, label_names: list[str], label_indices) -> str:
-    """The response text for a record whose labels are ``label_indices`` (see module docstring)."""
-    _check_task_type(task_type)
-    indices = [int(i) for i in label_indices]
-    for i in indices:
-        if not 0 <= i < len(label_names):
-            raise VITaskError(f"label index {i} is outside 0..{len(label_names) - 1}")
-    if task_type == "multi-label":
-        if not indices:
-            return NO_FINDING
-        return ", ".join(label_names[i] for i in sorted(set(indices)))
-    if len(indices) != 1:
-        raise VITaskError(f"a {task_type} record has exactly one label, got {indices}")
-    return label_names[indices[0]]
-
-
-def _normalize(text: str) -> str:
-    text = re.sub(r"\s+", " ", str(text)).strip().lower()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
-
-
-def parse_response(task_type: str, label_names: list[str], text: str) -> list[int] | None:
-    """Label indices that :func:`format_response` turned into ``text``; ``None`` when unparsable."""
-    _check_task_type(task_type)
-    names = [_normalize(n) for n in label_names]
-    answer = _normalize(text)
-    if task_type != "multi-label":
-        return [names.index(answer)] if answer in names else None
-    if answer == NO_FINDING:
-        return []
-    answer = re.sub(r"\s*,\s*", ", ", answer)
-    return _parse_findings(answer, names, start=0)
-
-
-def _parse_findings(answer: str, names: list[str], start: int) -> list[int] | None:
-    """Split ``answer`` into names with index >= ``start`` joined by ", " (backtracks over commas in names)."""
-    for i in range(start, len(names)):
-        name = names[i]
-        if answer == name:
-            return [i]
-        if answer.startswith(name + ", "):
-            rest = _parse_findings(answer[len(name) + 2:], names, i + 1)
-            if rest is not None:
-                return [i] + rest
-    return None

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from xtuner_vitask.data.external import read_meta
-from xtuner_vitask.data.npz import SPLITS
-from xtuner_vitask.data.writer import atomic_output_dir, read_jsonl, refuse_existing, write_json, write_jsonl
+from xtuner_vitask.contract import (
+    META_FILE, MULTI_TASK, SPLITS, DataMeta, iter_jsonl, load_meta, record_image, write_jsonl,
+)
+from xtuner_vitask.data.writer import atomic_output_dir, refuse_existing, write_json
 from xtuner_vitask.errors import VITaskError
 
 
@@ -31,30 +33,21 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def joint_label_space(metas: list[dict], share_identical: bool = True) -> tuple[list[str], dict]:
-    """(joint label names, {task: slice info}) for converted sets' metas, in the given order."""
+def joint_label_space(metas: list[DataMeta], share_identical: bool = True) -> tuple[list[str], dict]:
+    """(joint label names, {task: slice info as in meta.json}) for single sets' metas, in the given order."""
     joint, tasks, slices = [], {}, {}
     for meta in metas:
-        task = meta["dataset"]
-        if task in tasks:
-            raise VITaskError(f"data set {task!r} is given twice: merge each set once")
-        key = (meta["task_type"], tuple(meta["label_names"]))
+        task = meta.task()
+        if task.name in tasks:
+            raise VITaskError(f"data set {task.name!r} is given twice: merge each set once")
+        key = (task.task_type, task.label_names)
         if share_identical and key in slices:
             offset = slices[key]
         else:
             offset = len(joint)
-            joint.extend(meta["label_names"])
+            joint.extend(task.label_names)
             slices.setdefault(key, offset)
-        tasks[task] = {
-            "offset": offset,
-            "num_classes": len(meta["label_names"]),
-            "label_names": list(meta["label_names"]),
-            "task_type": meta["task_type"],
-            "modality": meta.get("modality"),
-            "size": meta.get("size"),
-            "n_channels": meta.get("n_channels"),
-            "instruction_variant": meta.get("instruction_variant"),
-        }
+        tasks[task.name] = replace(task, offset=offset).as_dict()
     return joint, tasks
 
 
@@ -67,8 +60,8 @@ def merge_sets(dirs, out_dir, share_identical: bool = True, force: bool = False,
     refuse_existing(out, force)
     metas = []
     for folder in dirs:
-        meta = read_meta(folder / "meta.json")
-        if meta["task_type"] == "multi-task":
+        meta = load_meta(folder / META_FILE)
+        if meta.multi_task:
             raise VITaskError(f"{folder} is already a merged set: merge the single sets it came from")
         metas.append(meta)
     joint, tasks = joint_label_space(metas, share_identical)
@@ -76,19 +69,22 @@ def merge_sets(dirs, out_dir, share_identical: bool = True, force: bool = False,
     split_records = {split: [] for split in SPLITS}
     links = []
     for folder, meta in zip(dirs, metas):
-        task = meta["dataset"]
+        task = meta.dataset
         for split in SPLITS:
             path = folder / f"{split}.jsonl"
             if not path.is_file():
                 continue
-            for record in read_jsonl(path):
-                source = folder / record["image"]
+            for line, record in iter_jsonl(path):
+                image = record_image(record)
+                if not isinstance(image, str):
+                    raise VITaskError(f"{path} line {line}: the record has no 'image' path")
+                source = folder / image
                 if not source.is_file():
-                    raise VITaskError(f"{path}: image {record['image']} of {record.get('id')} is missing")
+                    raise VITaskError(f"{path} line {line}: image {image} is missing")
                 if record.get("task", task) != task:
-                    raise VITaskError(f"{path}: record {record.get('id')} has task {record.get('task')!r}, "
+                    raise VITaskError(f"{path} line {line}: the record has task {record.get('task')!r}, "
                                       f"meta.json says {task!r}")
-                target = f"images/{task}/{split}/{Path(record['image']).name}"
+                target = f"images/{task}/{split}/{Path(image).name}"
                 links.append((source, target))
                 split_records[split].append({**record, "image": target, "task": task})
     sizes = {info["size"] for info in tasks.values()}
@@ -101,15 +97,15 @@ def merge_sets(dirs, out_dir, share_identical: bool = True, force: bool = False,
         for split, records in split_records.items():
             if records:
                 write_jsonl(tmp / f"{split}.jsonl", records)
-        write_json(tmp / "meta.json", {
+        write_json(tmp / META_FILE, {
             "dataset": "+".join(tasks),
-            "task_type": "multi-task",
+            "task_type": MULTI_TASK,
             "label_names": joint,
             "num_classes": len(joint),
             "tasks": tasks,
             "size": sizes.pop() if len(sizes) == 1 else None,
             "sources": [str(folder.resolve()) for folder in dirs],
-            "generated": any(bool(meta.get("generated")) for meta in metas),
+            "generated": any(bool(meta.raw.get("generated")) for meta in metas),
             "counts": {
                 split: {"total": len(records),
                         "per_task": {t: sum(r["task"] == t for r in records) for t in tasks}}

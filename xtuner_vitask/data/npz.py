@@ -13,17 +13,20 @@ import hashlib
 import os
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from xtuner_vitask.contract import MULTI_LABEL, SPLITS
 from xtuner_vitask.data.medmnist import (
     check_flag, check_size, dataset_info, label_names, medmnist_info_module, task_type,
 )
 from xtuner_vitask.errors import VITaskError
 
-SPLITS = ("train", "val", "test")
+# What a damaged zip member raises while it is read: a bad CRC, a broken deflate stream, a cut file.
+_CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
 
 
 class SplitSizeWarning(UserWarning):
@@ -143,7 +146,7 @@ def check_layout(layout: NpzLayout, flag: str, size: int, splits=SPLITS) -> dict
     """Check keys, dtypes and shapes against ``flag``/``size``; returns {split: n_images}."""
     info = dataset_info(flag)
     n_channels = info["n_channels"]
-    label_width = len(info["label"]) if task_type(flag) == "multi-label" else 1
+    label_width = len(info["label"]) if task_type(flag) == MULTI_LABEL else 1
     want_image_shape = (size, size) if n_channels == 1 else (size, size, 3)
     counts = {}
     for split in splits:
@@ -188,9 +191,12 @@ def check_layout(layout: NpzLayout, flag: str, size: int, splits=SPLITS) -> dict
 
 def load_labels(npz, flag: str, split: str, path: Path) -> list[list[int]]:
     """The split's labels as lists of class indices, checked against ``flag``'s classes."""
-    raw = np.asarray(npz[f"{split}_labels"]).astype(np.int64)
+    try:
+        raw = np.asarray(npz[f"{split}_labels"]).astype(np.int64)
+    except _CORRUPT as exc:
+        raise corrupted(path, f"{split}_labels", exc) from None
     names = label_names(flag)
-    if task_type(flag) == "multi-label":
+    if task_type(flag) == MULTI_LABEL:
         bad = ~np.isin(raw, (0, 1))
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
@@ -210,30 +216,40 @@ def load_labels(npz, flag: str, split: str, path: Path) -> list[list[int]]:
     return [[int(v)] for v in column]
 
 
+def corrupted(path, key: str, exc: BaseException) -> VITaskError:
+    return VITaskError(f"{path}: the '{key}' array is corrupted ({type(exc).__name__}: {exc}); "
+                       "re-download the file (--verify checks its MD5)")
+
+
 def iter_array_chunks(path: Path, key: str, chunk_bytes: int = 2 << 20):
     """Yield ``(start_row, rows)`` of one npz array, decompressing a few MiB at a time.
 
     Memory stays bounded even for 224 px sets of several GB (``np.load`` would read a whole split).
+    A damaged member (bad CRC, broken deflate stream, cut short) is a VITaskError naming the array.
     """
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-        if fortran and len(shape) > 1:  # never written by medmnist; numpy can still read it
-            array = np.load(path)[key]
-            yield 0, np.ascontiguousarray(array)
-            return
-        row_shape = tuple(shape[1:])
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        rows_per_chunk = max(1, chunk_bytes // max(1, row_bytes))
-        for start in range(0, shape[0], rows_per_chunk):
-            n_rows = min(rows_per_chunk, shape[0] - start)
-            buffer = handle.read(n_rows * row_bytes)
-            if len(buffer) != n_rows * row_bytes:
-                raise VITaskError(f"{path}: '{key}' is truncated at row {start}; re-download the file")
-            yield start, np.frombuffer(buffer, dtype=dtype).reshape((n_rows,) + row_shape)
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            if fortran and len(shape) > 1:  # never written by medmnist; numpy can still read it
+                with np.load(path) as npz:
+                    array = npz[key]
+                yield 0, np.ascontiguousarray(array)
+                return
+            row_shape = tuple(shape[1:])
+            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            rows_per_chunk = max(1, chunk_bytes // max(1, row_bytes))
+            for start in range(0, shape[0], rows_per_chunk):
+                n_rows = min(rows_per_chunk, shape[0] - start)
+                buffer = handle.read(n_rows * row_bytes)
+                if len(buffer) != n_rows * row_bytes:
+                    raise VITaskError(f"{path}: '{key}' is truncated at row {start}; re-download the file")
+                yield start, np.frombuffer(buffer, dtype=dtype).reshape((n_rows,) + row_shape)
+    except _CORRUPT as exc:
+        raise corrupted(path, key, exc) from None
 
 
 def generated_marker(npz_path) -> Path:

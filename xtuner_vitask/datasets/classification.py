@@ -12,7 +12,6 @@ offsets in ``meta['tasks']``.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Sequence
 
@@ -21,63 +20,18 @@ from mmengine.registry import DATASETS, FUNCTIONS
 from PIL import Image
 from torch.utils.data import Dataset
 
+from xtuner_vitask.contract import META_FILE, MULTI_LABEL, iter_jsonl, load_meta, problems_report, record_image, record_problems
+from xtuner_vitask.data.images import read_image
 from xtuner_vitask.errors import VITaskError
 
-MULTI_TASK = "multi-task"
-MULTI_LABEL = "multi-label"
-SINGLE_LABEL_TYPES = ("multi-class", "binary", "ordinal")
 # timm's ViT defaults (also the ImageNet-21k ViT-B/16's pretrained_cfg): mean = std = 0.5.
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """All records of a JSONL file; a broken line is a VITaskError naming file and line."""
-    if not os.path.isfile(path):
-        raise VITaskError(f"data file {path} does not exist: pass a JSONL written by data_tools")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise VITaskError(f"{path} line {line_no} is not JSON ({e.msg}): rewrite the file") from e
-    return records
-
-
-def load_meta(meta_file: str) -> dict:
-    """Read a contract ``meta.json`` and check the keys this module relies on."""
-    if not os.path.isfile(meta_file):
-        raise VITaskError(f"meta file {meta_file} does not exist: it is written beside the JSONL by data_tools")
-    with open(meta_file, encoding="utf-8") as f:
-        meta = json.load(f)
-    if "task_type" not in meta or "label_names" not in meta:
-        raise VITaskError(f"{meta_file} lacks 'task_type' or 'label_names': regenerate it with data_tools")
-    if meta["task_type"] == MULTI_TASK and not meta.get("tasks"):
-        raise VITaskError(f"{meta_file} is a multi-task meta.json without 'tasks': regenerate the merged set")
-    return meta
-
-
-def task_table(meta: dict) -> dict[str, dict]:
-    """``{task: {'offset', 'num_classes', 'label_names', 'task_type'}}`` for single or merged meta."""
-    if meta["task_type"] == MULTI_TASK:
-        return {name: dict(t) for name, t in meta["tasks"].items()}
-    name = meta.get("dataset", "default")
-    return {name: {"offset": 0, "num_classes": len(meta["label_names"]),
-                   "label_names": list(meta["label_names"]), "task_type": meta["task_type"]}}
-
-
 def load_rgb_image(path: str) -> Image.Image:
-    """Open an image as RGB (MedMNIST's gray sets too: timm backbones take three channels)."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise VITaskError(f"image {path} does not exist: check the JSONL's 'image' paths and image_folder") from e
-    except OSError as e:
-        raise VITaskError(f"image {path} cannot be read ({e}): re-export the data set") from e
+    """Open an image as 8-bit RGB (gray sets too: timm backbones take three channels); see ``data.images``."""
+    return read_image(path, "RGB")
 
 
 def build_tsm_transform(img_size: int, mean: Sequence[float] = DEFAULT_MEAN,
@@ -138,32 +92,34 @@ class ImageClassificationDataset(Dataset):
                  std: Sequence[float] = DEFAULT_STD, train: bool = False):
         self.data_file = str(data_file)
         folder = os.path.dirname(os.path.abspath(self.data_file))
-        self.meta_file = str(meta_file) if meta_file else os.path.join(folder, "meta.json")
+        self.meta_file = str(meta_file) if meta_file else os.path.join(folder, META_FILE)
         self.image_folder = str(image_folder) if image_folder else folder
-        self.meta = load_meta(self.meta_file)
-        self.tasks = task_table(self.meta)
-        self.records = read_jsonl(self.data_file)
-        if not self.records:
-            raise VITaskError(f"{self.data_file} has no records: export a non-empty split")
-        self._check_records()
+        self.data_meta = load_meta(self.meta_file)
+        self.meta = self.data_meta.raw
+        self.tasks = {name: task.as_dict() for name, task in self.data_meta.tasks.items()}
+        numbered = list(iter_jsonl(self.data_file))
+        if not numbered:
+            raise VITaskError(f"{self.data_file} has no records: convert a non-empty split with data_tools")
+        self.records = [record for _, record in numbered]
+        self._check_records([line for line, _ in numbered])
         self.transform = build_tsm_transform(img_size, mean, std, train)
 
-    def _check_records(self):
-        """Fail at build time, not mid-epoch: unknown tasks or missing images."""
-        default_task = next(iter(self.tasks)) if len(self.tasks) == 1 else None
-        missing = []
-        for rec in self.records:
-            if "id" not in rec or "image" not in rec:
-                raise VITaskError(f"{self.data_file}: a record lacks 'id' or 'image': regenerate the JSONL")
-            task = rec.get("task", default_task)
-            if len(self.tasks) == 1:
-                task = default_task  # a single set: every record belongs to it
-            elif task not in self.tasks:
-                raise VITaskError(f"record {rec['id']}: task {task!r} is not in {self.meta_file}'s tasks "
-                                  f"{sorted(self.tasks)}: use the merged set's meta.json")
-            rec["_task"] = task
+    def _check_records(self, lines):
+        """Fail at build time, not mid-epoch: unknown tasks, bad labels or missing images."""
+        missing, bad = [], []
+        for line, rec in zip(lines, self.records):
+            problems = [] if "id" in rec else ["has no 'id'"]
+            problems += record_problems(rec, self.data_meta, require_label=True, require_image=True,
+                                        conversations=False)
+            if problems:
+                bad.append((line, "; ".join(problems)))
+                continue
+            rec["_task"] = self.data_meta.task_of(rec).name  # a single set: every record belongs to it
+            rec["image"] = record_image(rec)
             if not os.path.isfile(os.path.join(self.image_folder, rec["image"])):
                 missing.append(rec["image"])
+        if bad:
+            raise VITaskError(problems_report(self.data_file, bad, len(self.records)))
         if missing:
             raise VITaskError(f"{len(missing)} images of {self.data_file} are missing under {self.image_folder} "
                               f"(e.g. {missing[:3]}): pass the right image_folder")

@@ -2,7 +2,6 @@
 EP and CRT need -- the class label, the TSM's input (or a cached exemplar), and a
 CRT negative image (same instruction, different response; label-aware, seeded).
 """
-import json
 import os
 from collections import defaultdict
 
@@ -10,15 +9,9 @@ import numpy as np
 import torch
 from xtuner.dataset.collate_fns import default_collate_fn
 
+from ..contract import turns
 from ..errors import VITaskError
 from .internvl import InternVL2Dataset
-
-
-def _human_and_gpt(record):
-    turns = record["conversations"]
-    human = next(t["value"] for t in turns if t["from"] == "human")
-    gpt = next(t["value"] for t in turns if t["from"] == "gpt")
-    return human, gpt
 
 
 class VITaskDataset(InternVL2Dataset):
@@ -36,12 +29,14 @@ class VITaskDataset(InternVL2Dataset):
         seed: the negatives' seed.
     """
 
+    require_label = True  # EP and CRT need every record's class
+    require_image = True  # and its image (the TSM's input)
+
     def __init__(self, model_path, data_paths, image_folders=None, *, tsm_img_size=None,
                  tsm_mean=(0.5, 0.5, 0.5), tsm_std=(0.5, 0.5, 0.5), exemplar_cache=None, exemplar_kind="cls",
                  tsm_checkpoint=None, negatives=True, seed=0, dynamic_image_size=False, **kwargs):
         super().__init__(model_path, data_paths, image_folders, dynamic_image_size=dynamic_image_size, **kwargs)
         self.ids = [r.get("id", str(n)) for n, r in enumerate(self.data)]
-        self._check_labels(data_paths)
         self.tsm_transform = None
         if tsm_checkpoint is not None:
             from ..models.tsm import read_tsm_identity, resolve_checkpoint
@@ -68,35 +63,13 @@ class VITaskDataset(InternVL2Dataset):
             self._index_negatives()
 
     # ---- checks and indexing -------------------------------------------------------------
-    def _check_labels(self, data_paths):
-        paths = data_paths if isinstance(data_paths, (list, tuple)) else [data_paths]
-        metas = {}
-        for path in paths:
-            meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
-            if os.path.isfile(meta_path):
-                with open(meta_path) as f:
-                    metas[path] = json.load(f)
-        for n, record in enumerate(self.data):
-            if "label" not in record:
-                raise VITaskError(f"sample {self.ids[n]} has no 'label': convert the data with data_tools/ "
-                                  "(VITask needs the class of every sample)")
-        for path, meta in metas.items():
-            n_classes = len(meta["label_names"])
-            for record in self.data:
-                task_meta = meta.get("tasks", {}).get(record.get("task"), None)
-                limit = task_meta["num_classes"] if task_meta else n_classes
-                bad = [c for c in record["label"] if not 0 <= c < limit]
-                if bad:
-                    raise VITaskError(f"sample {record.get('id')} has label {bad[0]} outside the {limit} classes of "
-                                      f"{path}'s meta.json: re-convert the data")
-
     def _index_negatives(self):
         """Group samples by instruction, then by response, so a negative is one lookup away."""
         by_instruction = defaultdict(lambda: defaultdict(list))
         instr_key, resp_key = {}, {}
         self.instruction_key, self.response_key = [], []
         for n, record in enumerate(self.data):
-            human, gpt = _human_and_gpt(record)
+            human, gpt = turns(record)
             i = instr_key.setdefault(human, len(instr_key))
             r = resp_key.setdefault(gpt, len(resp_key))
             by_instruction[i][r].append(n)
@@ -129,9 +102,12 @@ class VITaskDataset(InternVL2Dataset):
         return self._last_image
 
     def prepare_data(self, index):
+        self._last_image = None  # never a previous sample's image
         item = super().prepare_data(index)
         if item is None:
             return None
+        if self._last_image is None:
+            raise VITaskError(f"sample {self.ids[index]} has no image: VITask needs one per record (the TSM's input)")
         record = self.data[index]
         item["id"] = self.ids[index]
         item["class_label"] = record["label"]

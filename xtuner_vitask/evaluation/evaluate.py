@@ -1,60 +1,135 @@
-"""Evaluate an exported model on a contract JSONL: rank (likelihood of each label name) or generate.
+"""One evaluation loop for the CLI (``xtuner-vitask eval``) and the training-time ``VITaskEvalHook``.
 
-:func:`evaluate_export` returns (and :func:`write_report` writes) one report: accuracy, macro-F1,
-per-class precision/recall/F1 (scikit-learn, via :mod:`.metrics`), the confusion matrix, timing,
-and every sample's prediction. In ``generate`` mode an answer that does not parse into the label
-set is *unparsable*: counted and listed, and scored as wrong (single-label: it matches no class;
+:func:`evaluate_records` scores records task by task (a merged multi-task set is evaluated per
+task, each in its own label space), by likelihood ranking or by generation, optionally sharded
+over the ranks of a distributed run (every rank scores its shard; the results are gathered in
+record order, so the metrics equal the single-process ones). Its results -- accuracy, macro-F1,
+per-class precision/recall/F1 (scikit-learn, :mod:`.metrics`), the confusion matrix and every
+sample's prediction -- make the report that :func:`write_report` writes
+(``xtuner_vitask.inference.exports.evaluate_export`` builds it for an export folder). In
+``generate`` mode an answer that does not parse into the label set is *unparsable*: counted, listed, and scored as wrong (single-label: it matches no class;
 multi-label: every label counts as wrong); ``metrics_parsable`` scores the parsable answers alone.
 """
 import json
 import math
 import os
 import tempfile
-import time
 
 import numpy as np
 import torch
 
+from ..contract import (MULTI_LABEL, DataMeta, iter_jsonl, parse_meta, problems_report, read_jsonl, record_image,
+                        record_problems)
+from ..data.images import probe_images
 from ..errors import VITaskError
 
 MODES = ("rank", "generate")
 
 
-def read_records(data_path, max_samples=None):
-    from ..datasets.classification import read_jsonl
-
-    records = read_jsonl(data_path)
-    for n, record in enumerate(records, 1):
-        if "label" not in record or "image" not in record:
-            raise VITaskError(f"{data_path} record {n} has no 'label'/'image': evaluation needs labelled images "
-                              "(convert the data with data_tools)")
-    if not records:
-        raise VITaskError(f"{data_path} has no records")
-    return records[:max_samples] if max_samples else records
+# ---------------------------------------------------------------------------------------- data
+def as_meta(meta):
+    """The contract's DataMeta of a DataMeta or a meta.json's content (e.g. an export's task_meta.json)."""
+    return meta if isinstance(meta, DataMeta) else parse_meta(meta)
 
 
-def _task_groups(records, meta):
-    """{task name or None: (task meta, records)} -- one group unless the data is a merged multi-task set."""
-    if meta.get("task_type") != "multi-task":
-        return {None: (meta, records)}
-    groups = {}
+def read_records(data_path, meta, max_samples=None, check_images=True):
+    """The labelled records of ``data_path`` (the first ``max_samples``), checked before any model runs.
+
+    Every record needs conversations with one ``<image>``, an ``image`` (one path) that opens as an
+    image, a ``label`` in its task's classes and (merged sets) a ``task`` of the meta.json. All bad
+    records are reported at once, by line number, in one VITaskError.
+    """
+    meta = as_meta(meta)
+    if max_samples is not None and int(max_samples) < 1:
+        raise VITaskError(f"max_samples={max_samples}: use a positive number (or None for every record)")
+    problems, numbered = [], []
+    for line, record in iter_jsonl(data_path, problems):
+        numbered.append((line, record))
+        if max_samples and len(numbered) == max_samples:
+            break
+    total = len(numbered) + len(problems)  # lines that are not JSON objects count as records too
+    if not total:
+        raise VITaskError(f"{data_path} has no records: evaluate a non-empty split")
+    folder = os.path.dirname(os.path.abspath(data_path))
+    to_probe = []
+    for line, record in numbered:
+        found = record_problems(record, meta, require_label=True, require_image=True)
+        problems += [(line, text) for text in found]
+        if not found:
+            record["image"] = record_image(record)  # XTuner's one-element list -> the path
+            to_probe.append((line, os.path.join(folder, record["image"])))
+    if check_images and to_probe:
+        probes = probe_images([path for _, path in to_probe])
+        problems += [(line, f"{result}: {path}") for (line, path), result in zip(to_probe, probes)
+                     if isinstance(result, str)]
+    if problems:
+        raise VITaskError(problems_report(data_path, problems, total))
+    return [record for _, record in numbered]
+
+
+def task_groups(records, meta):
+    """[(TaskMeta, records of the task)], tasks in the order they first appear (one for a single set)."""
+    meta, groups = as_meta(meta), {}
     for record in records:
-        task = record.get("task")
-        if task not in meta["tasks"]:
-            raise VITaskError(f"record {record.get('id')} has task {task!r}, not one of the model's tasks "
-                              f"{sorted(meta['tasks'])}")
-        groups.setdefault(task, (meta["tasks"][task], []))[1].append(record)
-    return groups
+        groups.setdefault(meta.task_of(record).name, []).append(record)
+    return [(meta.tasks[name], group) for name, group in groups.items()]
 
 
-def _train_records(data_path):
-    """Training records beside the eval file (multi-label candidates: the label combinations seen in training)."""
+def train_records_beside(data_path, meta):
+    """train.jsonl beside an eval file (multi-label candidates: the label combinations seen in training)."""
+    multi_label = any(task.multi_label for task in as_meta(meta).tasks.values())
     path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "train.jsonl")
-    return read_records(path) if os.path.isfile(path) else []
+    return read_jsonl(path, allow_empty=True) if multi_label and os.path.isfile(path) else []
 
 
+# -------------------------------------------------------------------------------- distribution
+def dist_info():
+    from mmengine.dist import get_dist_info
+
+    return get_dist_info()
+
+
+def shard_indices(n, rank, world):
+    """One rank's record indices: round-robin over the list padded (by wrapping) to a multiple of ``world``,
+    as mmengine's DefaultSampler shards, so every rank runs the same number of batches."""
+    total = -(-n // world) * world
+    return [i % n for i in range(rank, total, world)]
+
+
+def gather_shards(local, n):
+    """Every rank's results of :func:`shard_indices`, in record order, on every rank (the metrics and the
+    best-checkpoint decision are then the same everywhere). ``local`` is (results, error message or None);
+    an error on any rank is raised on all of them."""
+    rank, world = dist_info()
+    if world == 1:
+        parts = [local]
+    else:
+        from mmengine.dist import all_gather_object
+
+        parts = all_gather_object(local)
+    errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(parts) if err]
+    if errors:
+        raise VITaskError("evaluation failed on " + "; ".join(errors))
+    ordered = [item for row in zip(*(results for results, _ in parts)) for item in row]
+    return ordered[:n]
+
+
+def _run_shard(fn, records, distributed):
+    """``fn`` over this rank's shard of ``records`` -> the results of all records, in order."""
+    rank, world = dist_info() if distributed else (0, 1)
+    if world == 1:
+        return fn(records)
+    mine = [records[i] for i in shard_indices(len(records), rank, world)]
+    try:
+        local = (fn(mine), None)
+    except Exception as err:  # noqa: BLE001 -- every rank must reach the gather, then all raise together
+        local = ([], f"{type(err).__name__}: {err}")
+    return gather_shards(local, len(records))
+
+
+# ------------------------------------------------------------------------------------ metrics
 def _label_array(labels, task_type, n):
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return np.array([lab[0] if lab else -1 for lab in labels])
     out = np.zeros((len(labels), n), dtype=int)
     for row, lab in enumerate(labels):
@@ -64,7 +139,7 @@ def _label_array(labels, task_type, n):
 
 def _scored_as_wrong(truth, task_type, n):
     """The prediction an unparsable answer is scored with: no class (single-label), all labels flipped (multi)."""
-    if task_type != "multi-label":
+    if task_type != MULTI_LABEL:
         return [-1]
     return [c for c in range(n) if c not in truth]
 
@@ -92,102 +167,76 @@ def score_predictions(truths, preds, task_type, num_classes, scores=None):
                 unparsable=len(preds) - len(keep))
 
 
-def _load_dataset(info, data_path, use_ep):
-    from ..datasets.internvl import InternVL2Dataset
-
-    # one tile per image, as VITaskDataset trains (CRT pairs images tile for tile)
-    dataset = InternVL2Dataset(info.path, data_path, dynamic_image_size=False)
-    if use_ep:
-        from ..datasets.classification import build_tsm_transform
-
-        with open(os.path.join(info.tsm_dir, "config.json"), encoding="utf-8") as f:
-            spec = json.load(f)
-        dataset.tsm_transform = build_tsm_transform(spec["img_size"], spec["mean"], spec["std"], train=False)
-    return dataset
+def mean_over_tasks(tasks, key):
+    """Unweighted mean of a metric over the tasks of a report (the value itself for one task)."""
+    return float(np.mean([t["metrics"][key] for t in tasks.values()]))
 
 
-def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8, max_samples=None,
-                    max_new_tokens=None, progress=True, model=None, shared_prefix=True):
-    """Score ``model_dir`` (an export folder) on ``data_path``; returns the report dict.
+# -------------------------------------------------------------------------------- the loop
+def evaluate_records(model, inputs, records, meta, image_folder, *, mode="rank", use_ep=False, batch_size=8,
+                     strategy="shared-prefix", max_new_tokens=None, train_records=(), exemplars=None,
+                     progress=True, distributed=False, hf_use_ep=None):
+    """Score ``records`` (checked by :func:`read_records`) task by task; returns {'tasks', 'samples'}.
 
-    ``use_ep`` None = EP when the export has a TSM. ``model``: an already loaded wrapper to reuse
-    (benchmarks evaluate one model twice). ``shared_prefix``: rank with the prompt computed once
-    (:mod:`.prefix_rank`, same scores) instead of one full sequence per candidate (:mod:`.ranking`).
+    ``model``: the project's wrapper (``InternVL2`` / ``VITaskInternVL``); ``inputs``: its
+    :class:`.inputs.ModelInputs`. ``train_records``: multi-label candidates (label combinations seen
+    in training). ``exemplars``: cached EP exemplars by record id (else the TSM runs).
+    ``distributed``: each rank scores its shard and every rank gets all results. ``hf_use_ep``:
+    generate mode, the ``use_ep`` passed to the export's ``generate`` (None: a plain export).
+    ``tasks`` maps each task name (the data set's name for a single set) to task_type,
+    label_names, n, unparsable, metrics (and metrics_parsable in generate mode).
     """
-    from ..data.medmnist import parse_response
-    from ..export.folder import inspect_export, load_export_model, read_task_meta
-    from ..hooks.cls_eval import predictions_to_labels
-    from .generate import generate_records
-    from .ranking import candidate_responses, rank_records
+    from ..formats import parse_response
+    from .generate import default_max_new_tokens, generate_records
+    from .ranking import best_labels, candidate_responses, rank_records
 
     if mode not in MODES:
-        raise VITaskError(f"--mode {mode}: use one of {', '.join(MODES)}")
-    info = inspect_export(model_dir, need_ep=bool(use_ep))
-    use_ep = info.has_ep if use_ep is None else bool(use_ep)
-    meta = read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(data_path)), "meta.json"))
-    records = read_records(data_path, max_samples)
-    image_folder = os.path.dirname(os.path.abspath(data_path))
-    missing = next((r["image"] for r in records if not os.path.isfile(os.path.join(image_folder, r["image"]))), None)
-    if missing:
-        raise VITaskError(f"image {missing} of {data_path} does not exist under {image_folder}: keep the images "
-                          "beside the JSONL as data_tools writes them")
-    model = model or load_export_model(info, use_ep=use_ep)
-    dataset = _load_dataset(info, data_path, use_ep)
-    train_records = _train_records(data_path) if meta.get("task_type") in ("multi-label", "multi-task") else []
-
-    report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
-                  rank_impl=("shared-prefix" if shared_prefix else "full-sequence") if mode == "rank" else None,
-                  variant="ep" if info.has_ep else "plain", n=len(records), tasks={}, samples=[])
-    started = time.perf_counter()
-    for task, (task_meta, group) in _task_groups(records, meta).items():
-        kind, names = task_meta["task_type"], task_meta["label_names"]
+        raise VITaskError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    meta = as_meta(meta)
+    out = dict(tasks={}, samples=[])
+    for task, group in task_groups(records, meta):
+        kind, names = task.task_type, list(task.label_names)
         n_cls = len(names)
-        task_train = [r for r in train_records if r.get("task") == task or task is None]
-        candidates = candidate_responses(meta, task=task, train_records=task_train)
+        candidates = candidate_responses(task, [r for r in train_records
+                                                if not meta.multi_task or r.get("task") == task.name])
+        desc = f"{mode} {task.name if meta.multi_task else ''}".strip()
         probs = None
         if mode == "rank":
-            scores = rank_records(model, dataset, group, image_folder, candidates, use_ep=use_ep,
-                                  batch_size=batch_size, progress=progress, desc=f"rank {task or ''}".strip(),
-                                  shared_prefix=shared_prefix)
-            best = predictions_to_labels(scores, candidates, kind, n_cls)
-            preds = [[int(b)] if kind != "multi-label" else np.flatnonzero(b).tolist() for b in best]
+            scores = torch.cat(_run_shard(
+                lambda part: list(rank_records(model, inputs, part, image_folder, candidates, use_ep=use_ep,
+                                               batch_size=batch_size, exemplars=exemplars, strategy=strategy,
+                                               progress=progress, desc=desc).split(1)),
+                group, distributed))
+            preds = best_labels(scores, candidates)
             answers = [candidates[int(i)][0] for i in scores.argmax(1)]
-            if kind != "multi-label":  # one candidate per class, in class order
+            if kind != MULTI_LABEL:  # one candidate per class, in class order
                 probs = torch.softmax(scores.float(), dim=1).numpy()
         else:
-            if max_new_tokens is None:
-                longest = max(len(dataset.tokenizer(c[0], add_special_tokens=False).input_ids) for c in candidates)
-                max_new_tokens = longest + 8
-            answers = generate_records(model.model, dataset, group, image_folder,
-                                       use_ep=use_ep if info.has_ep else None, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens,
-                                       tsm_transform=getattr(dataset, "tsm_transform", None),
-                                       progress=progress, desc=f"generate {task or ''}".strip())
+            new_tokens = max_new_tokens or default_max_new_tokens(inputs, candidates)
+            answers = _run_shard(
+                lambda part: generate_records(model.model, inputs, part, image_folder, use_ep=hf_use_ep,
+                                              batch_size=batch_size, max_new_tokens=new_tokens, progress=progress,
+                                              desc=desc),
+                group, distributed)
             preds = [parse_response(kind, names, a) for a in answers]
         truths = [sorted(r["label"]) for r in group]
-        parsable = [p is not None for p in preds]
         scored = score_predictions(truths, preds, kind, n_cls, scores=probs)
         task_report = dict(task_type=kind, label_names=names, n=len(group), unparsable=scored["unparsable"],
                            metrics=scored["metrics"])
         if mode == "generate":
             task_report["metrics_parsable"] = scored["metrics_parsable"]
-        report["tasks"][task or meta.get("dataset", "task")] = task_report
+        out["tasks"][task.name] = task_report
         for i, record in enumerate(group):
-            sample = dict(id=record.get("id"), image=record["image"], task=task, label=truths[i],
-                          label_names=[names[c] for c in truths[i]], answer=answers[i], parsable=parsable[i],
+            sample = dict(id=record.get("id"), image=record["image"], task=task.name if meta.multi_task else None,
+                          label=truths[i],
+                          label_names=[names[c] for c in truths[i]], answer=answers[i], parsable=preds[i] is not None,
                           prediction=preds[i],
                           prediction_names=None if preds[i] is None else [names[c] for c in preds[i]],
                           correct=preds[i] is not None and sorted(preds[i]) == truths[i])
             if probs is not None:
                 sample["probabilities"] = [round(float(p), 6) for p in probs[i]]
-            report["samples"].append(sample)
-    report["seconds"] = time.perf_counter() - started
-    report["samples_per_second"] = len(records) / max(report["seconds"], 1e-9)
-    report["unparsable"] = sum(t["unparsable"] for t in report["tasks"].values())
-    tasks = list(report["tasks"].values())
-    for key in ("accuracy", "macro_f1"):
-        report[key] = float(np.mean([t["metrics"][key] for t in tasks]))
-    return report
+            out["samples"].append(sample)
+    return out
 
 
 def write_report(report, out_dir):

@@ -19,10 +19,8 @@ from mmengine.registry import METRICS
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
                              roc_auc_score)
 
+from xtuner_vitask.contract import MULTI_LABEL, SINGLE_LABEL_TYPES
 from xtuner_vitask.errors import VITaskError
-
-SINGLE_LABEL_TYPES = ("multi-class", "binary", "ordinal")
-MULTI_LABEL = "multi-label"
 
 
 def _mean_auc(truth_columns: np.ndarray, score_columns: np.ndarray) -> float:

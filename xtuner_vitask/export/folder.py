@@ -4,6 +4,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..contract import load_meta
 from ..errors import VITaskError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -91,7 +92,7 @@ def read_task_meta(info, data_meta_path=None):
     """
     data_meta = None
     if data_meta_path is not None and os.path.isfile(data_meta_path):
-        data_meta = _read_json(data_meta_path, "data meta")
+        data_meta = load_meta(data_meta_path).raw
     model_meta = info.task_meta
     if model_meta is None and data_meta is None:
         raise VITaskError(f"no label names: neither {info.path}/task_meta.json nor {data_meta_path} exists; "

@@ -1,4 +1,4 @@
-from .cls_eval import VITaskEvalHook
+from .eval import VITaskEvalHook
 from .stage import VITaskStageHook
 
 __all__ = ["VITaskStageHook", "VITaskEvalHook"]

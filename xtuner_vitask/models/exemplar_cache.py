@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from xtuner_vitask.datasets.classification import build_tsm_transform, load_rgb_image, read_jsonl
+from xtuner_vitask.contract import read_jsonl
+from xtuner_vitask.datasets.classification import build_tsm_transform, load_rgb_image
 from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.models.tsm import FEATURE_KINDS, TaskSpecificModel, tsm_checksum
 

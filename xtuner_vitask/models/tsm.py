@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import glob
 import os
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 
+from xtuner_vitask.contract import MULTI_CLASS, MULTI_LABEL, MULTI_TASK, SINGLE_LABEL_TYPES, load_meta, parse_meta
 from xtuner_vitask.errors import VITaskError
 
 TSM_FORMAT = "xtuner_vitask.tsm/1"
-SINGLE_LABEL_TYPES = ("multi-class", "binary", "ordinal")
-MULTI_LABEL = "multi-label"
 FEATURE_KINDS = ("cls", "all")
 
 
@@ -129,15 +127,11 @@ def slice_for(layout: dict, task: str | None) -> TaskSlice:
 
 def read_tasks(meta_path) -> dict:
     """The 'tasks' of a merged set's meta.json (a file or the folder holding it)."""
-    path = os.path.join(meta_path, "meta.json") if os.path.isdir(meta_path) else str(meta_path)
-    if not os.path.isfile(path):
-        raise VITaskError(f"joint TSM tasks: {path} does not exist: pass the merged set's meta.json")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("task_type") != "multi-task" or not meta.get("tasks"):
-        raise VITaskError(f"{path} is not a merged multi-task meta.json (task_type={meta.get('task_type')!r}): "
+    meta = load_meta(meta_path)
+    if not meta.multi_task:
+        raise VITaskError(f"{meta.where} is not a merged {MULTI_TASK} meta.json (task_type={meta.task_type!r}): "
                           "the joint TSM needs the merged set's meta.json")
-    return meta["tasks"]
+    return meta.raw["tasks"]
 
 
 def timm_normalization(model_name: str) -> tuple[tuple, tuple]:
@@ -191,7 +185,7 @@ class TaskSpecificModel(BaseModel):
     """
 
     def __init__(self, model_name: str, num_classes: int | None = None, img_size: int = 224,
-                 pretrained: bool = False, checkpoint: str | None = None, task_type: str = "multi-class",
+                 pretrained: bool = False, checkpoint: str | None = None, task_type: str = MULTI_CLASS,
                  tasks: dict | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, model_kwargs: dict | None = None,
                  data_preprocessor: dict | None = None, init_cfg: dict | None = None):
@@ -202,7 +196,7 @@ class TaskSpecificModel(BaseModel):
         self.joint = bool(tasks)
         self.model_name = model_name
         self.num_classes = max(sl.stop for sl in self.layout.values())
-        self.task_type = "multi-task" if self.joint else task_type
+        self.task_type = MULTI_TASK if self.joint else task_type
         self.img_size = int(img_size)
         default_mean, default_std = timm_normalization(model_name)
         self.mean = tuple(mean) if mean is not None else default_mean
@@ -530,10 +524,8 @@ def load_tsm(checkpoint: str, config=None, map_location: str = "cpu", device: st
 def check_tsm_matches_meta(tsm: TaskSpecificModel, meta) -> None:
     """Refuse a TSM whose classes do not match the data's meta.json (a dict or a path)."""
     where = meta if isinstance(meta, (str, os.PathLike)) else "meta.json"
-    if isinstance(meta, (str, os.PathLike)):
-        with open(meta, encoding="utf-8") as f:
-            meta = json.load(f)
-    if meta.get("task_type") == "multi-task":
+    meta = load_meta(meta).raw if isinstance(meta, (str, os.PathLike)) else parse_meta(meta).raw
+    if meta.get("task_type") == MULTI_TASK:
         # offsets are the model's own business (labels stay local): names, sizes and kinds must agree
         data_tasks = {k: (int(v["num_classes"]), v["task_type"]) for k, v in meta["tasks"].items()}
         if not tsm.joint:

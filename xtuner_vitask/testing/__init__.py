@@ -1,1 +1,1 @@
-from .tiny_internvl import build_tiny_internvl
+from .tiny_internvl import build_internvl2_preset, build_tiny_internvl

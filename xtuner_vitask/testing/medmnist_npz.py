@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xtuner_vitask.contract import MULTI_LABEL, SPLITS
 from xtuner_vitask.data.medmnist import dataset_info, task_type
-from xtuner_vitask.data.npz import SPLITS, generated_marker
+from xtuner_vitask.data.npz import generated_marker
 
 _GENERATION_CHUNK = 2048  # images built at once (bounded float32 scratch memory)
 
@@ -197,7 +198,7 @@ def write_medmnist_npz(path, flag: str, n_per_split=(60, 20, 20), size: int = 28
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     info = dataset_info(flag)
     num_classes = len(info["label"])
-    multi_label = task_type(flag) == "multi-label"
+    multi_label = task_type(flag) == MULTI_LABEL
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in zip(SPLITS, n_per_split):

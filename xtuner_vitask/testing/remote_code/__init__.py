@@ -1,8 +1,7 @@
-"""Remote code of the tiny InternVL2-compatible checkpoint.
+"""Remote code of the InternVL2-compatible test checkpoints (file names as in OpenGVLab's InternVL2).
 
-These modules are copied verbatim into every checkpoint folder that
-:func:`xtuner_vitask.testing.build_tiny_internvl` writes, and transformers
-loads them from there with ``trust_remote_code=True``. They import each other
-relatively (as InternVL2's own files do) and depend on torch and transformers
-only, so the folder works without this package installed.
+These modules are copied verbatim into every checkpoint folder that :mod:`xtuner_vitask.testing` writes,
+and transformers loads them from there with ``trust_remote_code=True``. They import each other relatively
+(as InternVL2's own files do) and need torch, transformers, timm, einops and sentencepiece only, so a folder
+works without this package installed.
 """

@@ -1,8 +1,6 @@
 """Visual response ranking (paper sec. 4, Fig. 4): how likely is a sample's response given its own
 image (positive pair) versus another image with the same instruction and a different response
 (negative pair)? Per pair: the mean probability of the response's tokens."""
-import os
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -28,34 +26,26 @@ def negative_partners(records, seed=0):
 
 
 @torch.no_grad()
-def token_probabilities(model, dataset, records, image_records, image_folder, use_ep=False):
+def token_probabilities(model, inputs, records, image_records, image_folder, use_ep=False):
     """Per record: probabilities (T,) of its response tokens given the image of ``image_records[i]``."""
-    from .generate import image_tiles
-    from .ranking import _image_token_str, pad_sequences
+    from ..evaluation.ranking import exemplar_inputs, pad_sequences, splice_exemplars
 
     device = next(model.parameters()).device
-    tiles, tsm_pixels, seqs = [], [], []
-    for record, shown in zip(records, image_records):
-        t, image = image_tiles(dataset, os.path.join(image_folder, shown["image"]))
-        tiles.append(t)
-        if use_ep:
-            tsm_pixels.append(dataset.tsm_transform(image))
-        seqs.append(dataset.get_inputid_labels([dict(turn) for turn in record["conversations"][:2]],
-                                               _image_token_str(dataset, t.shape[0])))
-    input_ids, labels, mask, positions = pad_sequences(seqs, dataset.tokenizer.pad_token_id or 0, device)
-    embeds = model.embed_tokens(input_ids, model.encode_images(torch.cat(tiles).to(device)))
+    batch = inputs.batch(records, image_folder, image_records=image_records, tsm=use_ep)
+    seqs = [inputs.sequence([dict(turn) for turn in record["conversations"][:2]], n)
+            for record, n in zip(records, batch.n_tiles)]
+    input_ids, labels, mask, positions = pad_sequences(seqs, inputs.pad_id, device)
+    embeds = model.embed_tokens(input_ids, model.encode_images(torch.cat(batch.tiles).to(device)))
     if use_ep:
-        from ..models.vitask import splice_tokens
-
-        tokens = model.exemplar_tokens({"tsm_pixel_values": torch.stack(tsm_pixels).to(device)})
-        embeds, mask, labels, positions = splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+        embeds, mask, labels, positions = splice_exemplars(model, embeds, mask, labels, input_ids,
+                                                           exemplar_inputs(batch, None, device))
     logits, targets = model.response_logits(embeds, mask, positions, labels)
     probs = torch.softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1).cpu()
     owner = (labels[:, 1:] != -100).nonzero()[:, 0].cpu()
     return [probs[owner == i].numpy() for i in range(len(seqs))]
 
 
-def response_ranking(model, dataset, records, image_folder, use_ep=False, batch_size=8, seed=0, progress=True):
+def response_ranking(model, inputs, records, image_folder, use_ep=False, batch_size=8, seed=0, progress=True):
     """(positive, negative) arrays: mean response-token probability of each record with its own image and with
     its negative partner's image (records without a partner are skipped)."""
     partners = negative_partners(records, seed)
@@ -68,15 +58,15 @@ def response_ranking(model, dataset, records, image_folder, use_ep=False, batch_
     for start in tqdm(range(0, len(pairs), batch_size), desc="response ranking", disable=not progress, unit="batch"):
         batch = pairs[start:start + batch_size]
         own = [p[0] for p in batch]
-        pos += [float(p.mean()) for p in token_probabilities(model, dataset, own, own, image_folder, use_ep)]
-        neg += [float(p.mean()) for p in token_probabilities(model, dataset, own, [p[1] for p in batch],
+        pos += [float(p.mean()) for p in token_probabilities(model, inputs, own, own, image_folder, use_ep)]
+        neg += [float(p.mean()) for p in token_probabilities(model, inputs, own, [p[1] for p in batch],
                                                              image_folder, use_ep)]
     return np.array(pos), np.array(neg)
 
 
 def plot_response_ranking(positive, negative, path, title="Visual response ranking"):
     """Normalized density (histogram + Gaussian KDE) of response probabilities for positive and negative pairs."""
-    from .plots import _pyplot, _save_atomic
+    from ..evaluation.plots import _pyplot, _save_atomic
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

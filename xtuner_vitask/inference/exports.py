@@ -1,0 +1,85 @@
+"""Exported models put to use: opened for evaluation (the wrapper, its prompt format, its label space)
+and evaluated into one report -- what ``xtuner-vitask eval``, ``ranking-plot``, the demo and the
+benchmarks run. The loop itself is :func:`xtuner_vitask.evaluation.evaluate.evaluate_records`, the
+one the training-time eval hook runs too."""
+import contextlib
+import os
+import time
+
+from ..errors import VITaskError
+from ..evaluation.evaluate import MODES, evaluate_records, mean_over_tasks, read_records, train_records_beside
+
+
+@contextlib.contextmanager
+def quiet_logs(verbose=False):
+    """mmengine's INFO lines (XTuner's wrapper prints the whole model tree) hidden unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_model(info, use_ep, verbose=False):
+    """The export as the project's wrapper (quietly unless ``verbose``)."""
+    from ..export.folder import load_export_model
+
+    with quiet_logs(verbose):
+        return load_export_model(info, use_ep=use_ep)
+
+
+def export_inputs(info, model, use_ep):
+    """The export's prompt format; EP: the TSM's own preprocessing (the export's ``tsm_preprocess``)."""
+    from ..evaluation.inputs import ModelInputs
+
+    return ModelInputs.for_model(info.path, tsm_transform=model.model.tsm_preprocess if use_ep else None)
+
+
+def data_meta(info, data_path):
+    """The label space to evaluate in: the export's training meta.json, checked against the data's."""
+    from ..export.folder import read_task_meta
+
+    return read_task_meta(info, os.path.join(os.path.dirname(os.path.abspath(data_path)), "meta.json"))
+
+
+def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8, max_samples=None,
+                    max_new_tokens=None, progress=True, model=None, strategy="shared-prefix", verbose=False):
+    """Score ``model_dir`` (an export folder) on ``data_path``; returns the report dict.
+
+    ``use_ep`` None = EP when the export has a TSM. ``model``: an already loaded wrapper to reuse
+    (benchmarks evaluate one model twice). ``strategy``: the ranking strategy
+    (:mod:`xtuner_vitask.evaluation.ranking`). The data are checked before the model loads.
+    """
+    from ..export.folder import inspect_export
+
+    if mode not in MODES:
+        raise VITaskError(f"--mode {mode}: use one of {', '.join(MODES)}")
+    info = inspect_export(model_dir, need_ep=bool(use_ep))
+    use_ep = info.has_ep if use_ep is None else bool(use_ep)
+    meta = data_meta(info, data_path)
+    records = read_records(data_path, meta, max_samples)
+    model = model or load_model(info, use_ep, verbose)
+    inputs = export_inputs(info, model, use_ep)
+
+    report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
+                  rank_impl=strategy if mode == "rank" else None, variant="ep" if info.has_ep else "plain",
+                  n=len(records))
+    started = time.perf_counter()
+    report.update(evaluate_records(
+        model, inputs, records, meta, os.path.dirname(os.path.abspath(data_path)),
+        mode=mode, use_ep=use_ep, batch_size=batch_size, strategy=strategy, max_new_tokens=max_new_tokens,
+        train_records=train_records_beside(data_path, meta), progress=progress,
+        hf_use_ep=use_ep if info.has_ep else None))
+    report["seconds"] = time.perf_counter() - started
+    report["samples_per_second"] = len(records) / max(report["seconds"], 1e-9)
+    report["unparsable"] = sum(t["unparsable"] for t in report["tasks"].values())
+    for key in ("accuracy", "macro_f1"):
+        report[key] = mean_over_tasks(report["tasks"], key)
+    return report
