@@ -6,13 +6,14 @@
 # then: python -m xtuner.tools.train configs/internvl2_tiny_cpu_lora.py --work-dir work_dirs/tiny_vanilla
 from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
 from mmengine.dataset import DefaultSampler
-from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.optim import OptimWrapper
 from peft import LoraConfig
 from torch.optim import AdamW
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.engine.runner import TrainLoop
 
 from xtuner_vitask.datasets import InternVL2Dataset
+from xtuner_vitask.engine import WholeIterCosineAnnealingLR, WholeIterLinearLR
 from xtuner_vitask.hooks import VITaskEvalHook
 from xtuner_vitask.models import InternVL2
 
@@ -67,9 +68,9 @@ train_dataloader = dict(
 optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=lr, weight_decay=0.0),
                      clip_grad=dict(max_norm=1.0))
 param_scheduler = [
-    dict(type=LinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+    dict(type=WholeIterLinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
          convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
+    dict(type=WholeIterCosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
          convert_to_iter_based=True),
 ]
 train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)

@@ -5,7 +5,7 @@
 #     train_dataloader.dataset.data_paths=D/train.jsonl model.tsm.meta=D/meta.json \
 #     model.tsm.checkpoint=TSM.pth train_dataloader.dataset.tsm_checkpoint=TSM.pth
 from mmengine.config import read_base
-from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.optim import OptimWrapper
 
 with read_base():
     from .vitask._base_vitask_internvl2 import *  # noqa: F401,F403
@@ -47,9 +47,9 @@ optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=lr, weight
                      clip_grad=dict(max_norm=1.0),
                      paramwise_cfg=dict(custom_keys={"connector": dict(lr_mult=connector_lr_mult)}))
 param_scheduler = [
-    dict(type=LinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+    dict(type=WholeIterLinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
          convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
+    dict(type=WholeIterCosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
          convert_to_iter_based=True),
 ]
 train_cfg.update(max_epochs=max_epochs)  # noqa: F405

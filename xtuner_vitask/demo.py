@@ -26,9 +26,7 @@ from pathlib import Path
 from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"tsm": "configs/tsm_tiny_cpu.py", "vitask": "configs/vitask_tiny_cpu.py",
-           "vanilla": "configs/internvl2_tiny_cpu_lora.py"}
+CONFIGS = {"tsm": "tsm_tiny_cpu", "vitask": "vitask_tiny_cpu", "vanilla": "internvl2_tiny_cpu_lora"}
 TINY_LLM = "qwen2"  # the LLM class of the tiny InternVL2
 ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
              "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
@@ -54,24 +52,34 @@ QUICK = replace(FULL, n_per_split=(64, 16, 32), tsm_epochs=4)  # a smoke run: sa
 
 # ----------------------------------------------------------------------------------------- data
 def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=0,
-              instruction_variant="complete", progress=False, style=FULL.data_style):
+              instruction_variant="complete", progress=False, style=FULL.data_style, domain="source"):
     """The instruction data folder (train/val/test.jsonl + images + meta.json) under ``out_dir``.
 
-    Without ``download``: a generated, learnable npz in MedMNIST's layout (``<flag>.npz`` plus its
-    ``.generated.json`` marker, which the converter copies into meta.json). With ``download``:
-    medmnist's real 28 px file, fetched by medmnist where a network exists.
+    Without ``download``: a generated npz in MedMNIST's layout (``generated/<flag>[_external].npz`` plus
+    its ``.generated.json`` marker, which the converter copies into meta.json; ``domain="external"``:
+    the same classes under a shifted acquisition, paper Table 3). With ``download``: medmnist's real
+    28 px file, fetched by medmnist where a network exists.
     """
     from .data.convert import convert_medmnist
+    from .data.npz import generated_marker
     from .testing.medmnist_npz import write_medmnist_npz
 
     out_dir = Path(out_dir)
-    data_dir = out_dir / ("data" if instruction_variant == "complete" else f"data_{instruction_variant}")
+    suffix = "".join(f"_{v}" for v, default in ((instruction_variant, "complete"), (domain, "source")) if v != default)
+    data_dir = out_dir / f"data{suffix}"
     if download:
         return convert_medmnist(flag, 28, data_dir, root=out_dir / "medmnist", download=True, verify=True,
                                 instruction_variant=instruction_variant, force=True, progress=progress)
-    npz = out_dir / "generated" / f"{flag}.npz"
-    if not npz.is_file():
-        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True, style=style)
+    npz = out_dir / "generated" / (f"{flag}.npz" if domain == "source" else f"{flag}_{domain}.npz")
+    wanted = {"flag": flag, "seed": seed, "style": style, "domain": domain,
+              "n_per_split": dict(zip(("train", "val", "test"), map(int, n_per_split)))}
+    marker = generated_marker(npz)
+    made = json.loads(marker.read_text()) if npz.is_file() and marker.is_file() else {}
+    if any(made.get(k) != v for k, v in wanted.items()):
+        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True, style=style,
+                           domain=domain)
+    elif (data_dir / "meta.json").is_file() and read_meta(data_dir).get("generated") == made:
+        return data_dir  # converted from this very npz before
     import warnings
 
     with warnings.catch_warnings():  # split sizes differ from medmnist.INFO's: expected for a generated set
@@ -150,7 +158,7 @@ def run_tool(args, name, log_path, echo=print):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
@@ -163,12 +171,19 @@ def run_tool(args, name, log_path, echo=print):
         raise VITaskError(f"{name} failed (exit {code}); last lines of {log_path}:\n{tail}")
 
 
+def config_file(config_key):
+    """The shipped tiny config of ``config_key`` ('tsm', 'vitask' or 'vanilla'), wheel installs included."""
+    from .config_files import config_path
+
+    return config_path(CONFIGS[config_key])
+
+
 def train(config_key, work_dir, options, name, log_dir, echo=print):
     """XTuner's train tool on one of the tiny configs; returns the work dir."""
     work_dir = Path(work_dir)
     if work_dir.exists():
         shutil.rmtree(work_dir)
-    run_tool(["xtuner.tools.train", REPO / CONFIGS[config_key], "--work-dir", work_dir, "--cfg-options", *options],
+    run_tool(["xtuner.tools.train", config_file(config_key), "--work-dir", work_dir, "--cfg-options", *options],
              name, Path(log_dir) / f"train_{name}.log", echo)
     return work_dir
 
@@ -250,7 +265,7 @@ def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False,
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    args = ["xtuner.tools.model_converters.pth_to_hf", REPO / CONFIGS[config_key], checkpoint, out_dir]
+    args = ["xtuner.tools.model_converters.pth_to_hf", config_file(config_key), checkpoint, out_dir]
     if plain:
         args += ["--save-format", "official"]
     run_tool(args + ["--cfg-options", *options], name, Path(log_dir) / f"export_{name}.log", echo)

@@ -72,7 +72,11 @@ REGIONS = ((0.3, 0.3), (0.3, 0.7), (0.7, 0.3), (0.7, 0.7), (0.5, 0.5), (0.3, 0.5
 # How visible a class's object is and how much the rest of the image hides it (fractions of the side,
 # grey levels). benchmarks/data_signal.py measures what a frozen encoder and the TSM get from it.
 SHAPES_PARAMS = dict(class_shapes=True, radius=(0.29, 0.33), in_region=0.65, jitter=0.07, brightness=(10, 30),
-                     texture=(40, 50), clutter=0.3, clutter_contrast=(10, 25), noise=12.0)
+                     texture=(40, 50), period_scale=1.0, clutter=0.3, clutter_contrast=(10, 25), noise=12.0,
+                     class_brightness=25.0)
+# domain="external": the same classes seen by another "scanner" (paper Table 3's external sets): coarser
+# texture, dark instead of bright objects, more noise. A TSM trained on the source set degrades here.
+EXTERNAL_SHIFT = dict(period_scale=1.35, brightness=(-30, -10), texture=(30, 45), noise=18.0)
 
 
 def class_signature(label: int) -> tuple[str, tuple[float, float]]:
@@ -118,11 +122,15 @@ def _place(rng, n, centre, jitter, size, in_region):
     return cy * size, cx * size
 
 
-def _shapes_signal(rng, canvas, labels, size, num_classes, multi_label):
+def _shapes_signal(rng, canvas, labels, size, num_classes, multi_label, p):
     """Per class: a bright object of the class's shape, filled with the class's grating texture, usually
     in the class's region. Clutter: a plain random shape at a random place in some images."""
-    n, p = len(labels), SHAPES_PARAMS
+    n = len(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    # overall brightness leans with the class (classes overlap: per-image brightness varies more than this)
+    lean = np.linspace(-1.0, 1.0, num_classes) * p["class_brightness"] if num_classes > 1 else np.zeros(1)
+    hot = labels.astype(np.float32) if multi_label else np.eye(num_classes, dtype=np.float32)[labels[:, 0]]
+    canvas += (hot @ lean / np.maximum(hot.sum(1), 1)).astype(np.float32)[:, None, None]
     for k in range(num_classes):
         rows = np.flatnonzero(labels[:, k] if multi_label else labels[:, 0] == k)
         if len(rows) == 0:
@@ -130,6 +138,7 @@ def _shapes_signal(rng, canvas, labels, size, num_classes, multi_label):
         kind, centre = class_signature(k)
         kind = kind if p["class_shapes"] else "square"
         theta, period = class_texture(k, num_classes, size)
+        period *= p["period_scale"]
         m = len(rows)
         cy, cx = _place(rng, m, centre, p["jitter"], size, p["in_region"])
         mask = shape_mask(kind, yy, xx, cy, cx, rng.uniform(*p["radius"], (m, 1, 1)) * size)
@@ -149,7 +158,8 @@ def _shapes_signal(rng, canvas, labels, size, num_classes, multi_label):
 
 
 def _images(rng, labels: np.ndarray, size: int, n_channels: int, num_classes: int,
-            multi_label: bool, learnable: bool, style: str = "grating") -> np.ndarray:
+            multi_label: bool, learnable: bool, style: str = "grating", domain: str = "source") -> np.ndarray:
+    shapes = dict(SHAPES_PARAMS, **(EXTERNAL_SHIFT if domain == "external" else {}))
     n = len(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     patch = max(4, size // 2)
@@ -162,7 +172,7 @@ def _images(rng, labels: np.ndarray, size: int, n_channels: int, num_classes: in
             2 * math.pi / period * (xx * np.cos(theta) + yy * np.sin(theta)) + phase
         ).astype(np.float32)
     if learnable and style == "shapes":
-        _shapes_signal(rng, canvas, labels, size, num_classes, multi_label)
+        _shapes_signal(rng, canvas, labels, size, num_classes, multi_label, shapes)
     elif learnable:
         for k in range(num_classes):
             rows = np.flatnonzero(labels[:, k] if multi_label else labels[:, 0] == k)
@@ -175,7 +185,7 @@ def _images(rng, labels: np.ndarray, size: int, n_channels: int, num_classes: in
             inside = (yy >= top) & (yy < top + patch) & (xx >= left) & (xx < left + patch)
             grating = np.sin(2 * math.pi / period * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
             canvas[rows] += 45 * inside * grating.astype(np.float32)
-    noise = SHAPES_PARAMS["noise"] if learnable and style == "shapes" else 18.0
+    noise = shapes["noise"] if learnable and style == "shapes" else 18.0
     if n_channels == 3:
         tint = rng.uniform(0.6, 1.2, (n, 1, 1, 3)).astype(np.float32)
         canvas = canvas[..., None] * tint + rng.normal(0, noise, (n, size, size, 3)).astype(np.float32)
@@ -185,17 +195,19 @@ def _images(rng, labels: np.ndarray, size: int, n_channels: int, num_classes: in
 
 
 STYLES = ("grating", "shapes")
+DOMAINS = ("source", "external")
 
 
 def write_medmnist_npz(path, flag: str, n_per_split=(60, 20, 20), size: int = 28, seed: int = 0,
-                       learnable: bool = True, style: str = "grating") -> Path:
+                       learnable: bool = True, style: str = "grating", domain: str = "source") -> Path:
     """Write a synthetic ``flag`` npz with ``n_per_split`` = (train, val, test) images; returns its path.
 
     Beside it goes ``<name>.generated.json`` recording how it was made (converters copy it into
     meta.json as ``generated``); the npz itself has exactly medmnist's keys, dtypes and shapes.
     """
-    if style not in STYLES:
-        raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
+    if style not in STYLES or domain not in DOMAINS or (domain == "external" and style != "shapes"):
+        raise ValueError(f"style={style!r}, domain={domain!r}: styles {STYLES}, domains {DOMAINS} "
+                         "('external' exists for the shapes style)")
     info = dataset_info(flag)
     num_classes = len(info["label"])
     multi_label = task_type(flag) == MULTI_LABEL
@@ -205,7 +217,7 @@ def write_medmnist_npz(path, flag: str, n_per_split=(60, 20, 20), size: int = 28
         labels = draw_labels(rng, num_classes, int(n), multi_label)
         chunks = [
             _images(rng, labels[start:start + _GENERATION_CHUNK], size, info["n_channels"],
-                    num_classes, multi_label, learnable, style)
+                    num_classes, multi_label, learnable, style, domain)
             for start in range(0, int(n), _GENERATION_CHUNK)
         ]
         image_shape = (size, size) if info["n_channels"] == 1 else (size, size, 3)
@@ -218,7 +230,7 @@ def write_medmnist_npz(path, flag: str, n_per_split=(60, 20, 20), size: int = 28
     generated_marker(path).write_text(json.dumps({
         "generator": "xtuner_vitask.testing.medmnist_npz.write_medmnist_npz",
         "flag": flag, "size": size, "seed": seed, "learnable": learnable,
-        "style": style if learnable else None,
+        "style": style if learnable else None, "domain": domain,
         "n_per_split": dict(zip(SPLITS, map(int, n_per_split))),
     }) + "\n")
     return path

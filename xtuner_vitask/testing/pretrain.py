@@ -52,9 +52,10 @@ class PretrainSettings:
     """Corpus size and schedule (defaults: ~2-4 CPU minutes for the default tiny model)."""
 
     n_images: int = 3000
-    epochs: int = 3
+    colour_epochs: int = 2  # curriculum: colour questions only first -- the tiny LLM finds the image tokens
+    epochs: int = 3  # then every question type
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     seed: int = 0
@@ -105,24 +106,26 @@ def captions(facts):
 
 
 def write_corpus(folder, n_images, size, seed):
-    """``folder/corpus.jsonl`` + PNGs: one record per image, with a seeded question about it."""
+    """PNGs + two XTuner-format JSONL files over the same images: ``colour.jsonl`` (the colour question of
+    every image) and ``corpus.jsonl`` (a seeded question of every kind the scene supports)."""
     from PIL import Image
 
     rng = np.random.default_rng([seed, 20231])
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    records = []
+    colour, mixed = [], []
     for i in range(n_images):
         image, facts = make_scene(rng, size)
         name = f"images/{i:05d}.png"
         Image.fromarray(image).save(folder / name)
-        pairs = captions(facts)
-        key, answer = pairs[0] if rng.random() < 0.5 else pairs[rng.integers(len(pairs))]
-        records.append({"id": f"pretrain/{i:05d}", "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{QUESTIONS[key]}"}, {"from": "gpt", "value": answer}]})
-    path = folder / "corpus.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+        pairs = dict(captions(facts))
+        key = list(pairs)[rng.integers(len(pairs))]
+        for records, (question, answer) in ((colour, ("colour", pairs["colour"])), (mixed, (key, pairs[key]))):
+            records.append({"id": f"pretrain/{i:05d}", "image": name, "conversations": [
+                {"from": "human", "value": f"<image>\n{QUESTIONS[question]}"}, {"from": "gpt", "value": answer}]})
+    for name, records in (("colour.jsonl", colour), ("corpus.jsonl", mixed)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder / "colour.jsonl", folder / "corpus.jsonl"
 
 
 @contextlib.contextmanager
@@ -165,24 +168,25 @@ def pretrain(model_dir, out_dir, settings=PretrainSettings(), progress=True, ech
     try:
         with open(model_dir / "config.json", encoding="utf-8") as f:
             image_size = json.load(f)["force_image_size"]
-        corpus = write_corpus(staging / "corpus", settings.n_images, image_size, settings.seed)
+        phases = write_corpus(staging / "corpus", settings.n_images, image_size, settings.seed)
         with torch.random.fork_rng(devices=[]), _quiet_mmengine():
             torch.manual_seed(settings.seed)
-            dataset = InternVL2Dataset(str(model_dir), str(corpus), dynamic_image_size=False, max_length=512,
-                                       system=settings.system)
+            datasets = [InternVL2Dataset(str(model_dir), str(path), dynamic_image_size=False, max_length=512,
+                                         system=settings.system) for path in phases]
             model = InternVL2(str(model_dir), freeze_llm=False, freeze_visual_encoder=False, freeze_mlp1=False,
-                              attn_implementation="sdpa", torch_dtype="float32", activation_checkpointing=False)
+                              attn_implementation="eager", torch_dtype="float32", activation_checkpointing=False)
             model.train()
             order = torch.Generator().manual_seed(settings.seed)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
-                                                 generator=order, collate_fn=default_collate_fn, num_workers=0)
+            loaders = [torch.utils.data.DataLoader(d, batch_size=settings.batch_size, shuffle=True, generator=order,
+                                                   collate_fn=default_collate_fn, num_workers=0) for d in datasets]
+            plan = [loaders[0]] * settings.colour_epochs + [loaders[1]] * settings.epochs
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-            total = settings.epochs * len(loader)
+            total = sum(len(loader) for loader in plan)
             schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total), total)
             losses = []
             bar = tqdm(total=total, desc="pretraining the tiny InternVL2", disable=not progress, unit="step")
-            for _ in range(settings.epochs):
+            for loader in plan:
                 for batch in loader:
                     loss = model(batch["data"])["loss"]
                     optimizer.zero_grad(set_to_none=True)
