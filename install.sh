@@ -11,7 +11,8 @@
 # - CPU: torch 2.13.0+cpu beside PyPI's torchvision 0.28.0, whose compiled ops
 #   need the CUDA build; a .pth hook declares the missing op schemas before
 #   torchvision is imported (see xtuner_vitask/_compat.py, which also explains
-#   the second hook, for mmengine's --resume under torch>=2.6).
+#   the second hook: mmengine's training-state types on torch>=2.6's weights-only
+#   allowlist, so --resume works while every load stays weights-only).
 # - GPU: torch 2.14.1 + torchvision 0.29.1 bring triton 3.8, with which
 #   xtuner's pinned bitsandbytes 0.45.0 cannot import (triton.ops is gone);
 #   a newer bitsandbytes is installed after xtuner for QLoRA users.
@@ -42,8 +43,9 @@ if [ "$mode" = gpu ]; then
 else
   $pip install $TORCH_CPU
 fi
-# Import hooks (xtuner_vitask/_compat.py): torchvision's op schemas on CPU torch, and full checkpoint
-# loads for mmengine processes (XTuner's --resume reads the checkpoint before any config is loaded).
+# Import hooks (xtuner_vitask/_compat.py): torchvision's op schemas on CPU torch; for mmengine processes,
+# mmengine's training-state types allowed in weights-only loads (XTuner's --resume reads the checkpoint
+# before any config is loaded) and one-line VITaskErrors.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 rm -f "$site/zz_xtuner_vitask_cpu_torchvision.pth"
 echo 'import xtuner_vitask._compat as _m; _m.install_import_hooks()' > "$site/zz_xtuner_vitask.pth"

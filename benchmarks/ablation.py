@@ -84,7 +84,6 @@ def run_seed(seed, out, settings, cache, save, echo):
     data = demo.make_data(root, settings.flag, **size)
     data_inc = demo.make_data(root, settings.flag, instruction_variant="incomplete", **size)
     data_ext = demo.make_data(root, settings.flag, domain="external", **size)
-    n_classes = len(demo.read_meta(data)["label_names"])
     model_dir = demo.build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
     runs, logs = root / "runs", root / "logs"
 
@@ -103,7 +102,7 @@ def run_seed(seed, out, settings, cache, save, echo):
     def tsm(name, data_dir):
         work = runs / name
         if not list(work.glob("best_macro_f1_epoch_*.pth")):
-            demo.train("tsm", work, demo.tsm_options(data_dir, n_classes, settings.tsm_epochs, seed), name, logs, quiet)
+            demo.train("tsm", work, demo.tsm_options(data_dir, settings.tsm_epochs, seed), name, logs, quiet)
         return demo.best_tsm_checkpoint(work)
 
     tsm_ckpt, tsm_ext = tsm("tsm", data), tsm("tsm_external", data_ext)

@@ -75,8 +75,9 @@ def build_fixtures(workdir: Path, sizes: dict, n_train: int = 64, seed: int = 0)
     from mmengine.config import Config
 
     from xtuner_vitask.data.convert import convert_medmnist
-    from xtuner_vitask.models.exemplar_cache import build_exemplar_cache
-    from xtuner_vitask.models.tsm import TaskSpecificModel, load_tsm
+    from xtuner_vitask.tsm.exemplar_cache import build_exemplar_cache
+    from xtuner_vitask.tsm.checkpoint import load_tsm
+    from xtuner_vitask.tsm.model import TaskSpecificModel
     from xtuner_vitask.testing import build_tiny_internvl
     from xtuner_vitask.testing.medmnist_npz import write_medmnist_npz
 

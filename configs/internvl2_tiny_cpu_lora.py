@@ -41,13 +41,13 @@ model = dict(
     freeze_llm=True,
     freeze_visual_encoder=True,
     freeze_mlp1=True,
-    attn_implementation="sdpa",
+    attn_implementation="auto",  # eager for InternLM2 (no SDPA in its code), SDPA for Qwen2/Phi3/Llama
     torch_dtype="float32",
     activation_checkpointing=False,
-    # a random tiny LLM needs its output head trained too to learn label names in a few hundred steps
-    llm_lora=dict(type=LoraConfig, r=16, lora_alpha=32, lora_dropout=0.0,
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                  modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
+    # "auto": InternVL's own LoRA targets for the LLM; a random tiny LLM needs its output head trained too
+    # to learn label names in a few hundred steps ("auto" = its head: InternLM2 `output`, others `lm_head`)
+    llm_lora=dict(type=LoraConfig, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="auto",
+                  modules_to_save="auto", task_type="CAUSAL_LM"),
 )
 
 #######################################################################

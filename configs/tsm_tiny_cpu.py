@@ -2,7 +2,8 @@
 # weights (no download), trained in seconds on a small generated set. Point it at data with
 #   python -m xtuner.tools.train configs/tsm_tiny_cpu.py --work-dir DIR --cfg-options \
 #     train_dataloader.dataset.data_file=D/train.jsonl val_dataloader.dataset.data_file=D/val.jsonl \
-#     model.num_classes=N
+#     test_dataloader.dataset.data_file=D/test.jsonl model.meta=D/meta.json
+# (class count and task type come from D/meta.json).
 from mmengine.config import read_base
 from mmengine.optim import CosineAnnealingLR, LinearLR
 from mmengine.runner import EpochBasedTrainLoop
@@ -21,8 +22,7 @@ model.update(  # noqa: F405
     model_name="vit_tiny_patch16_224",
     pretrained=False,
     img_size=img_size,
-    num_classes=4,
-    task_type="multi-class",
+    meta=data_root + "meta.json",
     model_kwargs=dict(patch_size=4, depth=2, drop_path_rate=0.0),
 )
 train_dataloader.update(batch_size=batch_size, num_workers=0)  # noqa: F405

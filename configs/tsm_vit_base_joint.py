@@ -10,7 +10,7 @@ with read_base():
 
 data_root = "data/medmnist_joint_224/"
 max_epochs = 5  # the merged training set is large (~500k images at full size)
-model.update(num_classes=None, task_type="multi-task", tasks=data_root + "meta.json")  # noqa: F405
+model.update(meta=data_root + "meta.json")  # noqa: F405
 train_dataloader.dataset.update(data_file=data_root + "train.jsonl")  # noqa: F405
 val_dataloader.dataset.update(data_file=data_root + "val.jsonl")  # noqa: F405
 test_dataloader.dataset.update(data_file=data_root + "test.jsonl")  # noqa: F405

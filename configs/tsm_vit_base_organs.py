@@ -5,7 +5,7 @@ with read_base():
     from .tsm._base_tsm_vit import *  # noqa: F401,F403
 
 data_root = "data/organsmnist_224/"
-model.update(num_classes=11, task_type="multi-class")  # noqa: F405
+model.update(meta=data_root + "meta.json")  # noqa: F405
 train_dataloader.dataset.update(data_file=data_root + "train.jsonl")  # noqa: F405
 val_dataloader.dataset.update(data_file=data_root + "val.jsonl")  # noqa: F405
 test_dataloader.dataset.update(data_file=data_root + "test.jsonl")  # noqa: F405

@@ -13,7 +13,7 @@ with read_base():
 path = "work_dirs/tiny_internvl2"
 data_root = "data/tiny/"
 tsm_checkpoint = "work_dirs/tsm_tiny_cpu/best_macro_f1_epoch_*.pth"
-lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Qwen2/Llama names
+lora_targets = "auto"  # InternVL's own LoRA targets for the checkpoint's LLM (InternLM2: attention.wqkv, ...)
 
 # Schedule: the demo and benchmarks/ablation.py use exactly this. The vanilla recipe
 # (configs/internvl2_tiny_cpu_lora.py) has the same steps, data order, lr and schedule rule.
@@ -27,15 +27,16 @@ data_seed = 0  # order of the training samples (same in both recipes)
 
 model.update(  # noqa: F405
     model_path=path,
-    attn_implementation="sdpa",
+    attn_implementation="auto",  # eager for InternLM2 (no SDPA in its code), SDPA for Qwen2/Phi3/Llama
     torch_dtype="float32",
     activation_checkpointing=False,
     tsm=dict(checkpoint=tsm_checkpoint, config=None,
              meta=data_root + "meta.json"),
 )
-# a random tiny LLM needs its output head trained too to learn label names in a few hundred steps
+# a random tiny LLM needs its output head trained too to learn label names in a few hundred steps;
+# "auto" is the LLM's own head (InternLM2: `output`, the others: `lm_head`)
 model.llm_lora.update(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets,  # noqa: F405
-                      modules_to_save=["lm_head"])
+                      modules_to_save="auto")
 train_dataloader.update(batch_size=8, num_workers=0)  # noqa: F405
 train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint,  # noqa: F405
                                 max_length=512)

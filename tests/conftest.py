@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny InternVL2, a generated MedMNIST-layout set, a tiny TSM, and a
-runner for XTuner's real train tool (its exit status is checked; the `xtuner` CLI drops it)."""
+"""Shared fixtures: tiny InternVL2 checkpoints (InternLM2 by default; Qwen2 and Phi3), a generated
+MedMNIST-layout set, a tiny TSM, and a runner for XTuner's real train tool (its exit status is checked;
+the `xtuner` CLI drops it)."""
 import glob
 import os
 import socket
@@ -13,6 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process unless the caller chose: tests start training subprocesses and 2-process runs on a
+# 2-core machine (oversubscription made runs up to 40x slower); set here so every CLI call sees the same env.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
 # transformers copies remote code into HF_MODULES_CACHE and imports it from there as one package for the whole
 # process; it must be set once, before transformers is imported (changing it later breaks those imports).
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="xtuner_vitask_hf_modules_")
@@ -41,11 +46,28 @@ def run_train(config, work_dir, *cfg_options, deepspeed=None, resume=None, timeo
     return proc
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def _tiny(tmp_path_factory, llm):
     from xtuner_vitask.testing import build_tiny_internvl
 
-    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny_qwen2", llm="qwen2"))
+    return str(build_tiny_internvl(tmp_path_factory.mktemp("models") / f"tiny_{llm}", llm=llm))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The default test checkpoint: InternVL2-2B's layout and InternLM2 remote code, tiny and random."""
+    return _tiny(tmp_path_factory, "internlm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_qwen2(tmp_path_factory):
+    """InternVL2-1B's layout: transformers' Qwen2 (SDPA, Cache objects), byte-level BPE tokenizer."""
+    return _tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_phi3(tmp_path_factory):
+    """InternVL2-4B's layout with transformers' Phi3 (fused qkv_proj/gate_up_proj)."""
+    return _tiny(tmp_path_factory, "phi3")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +88,7 @@ def tiny_tsm(tmp_path_factory, derma_data):
     d = derma_data
     run_train("configs/tsm_tiny_cpu.py", work, f"train_dataloader.dataset.data_file={d}/train.jsonl",
               f"val_dataloader.dataset.data_file={d}/val.jsonl", f"test_dataloader.dataset.data_file={d}/test.jsonl",
-              "model.num_classes=7", "train_cfg.max_epochs=3")
+              f"model.meta={d}/meta.json", "train_cfg.max_epochs=3")
     return glob.glob(str(work / "best_*.pth"))[0]
 
 

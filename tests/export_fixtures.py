@@ -18,10 +18,11 @@ def converter_options(tiny_model, data, tsm_checkpoint):
     return ("model.llm=None",) + vitask_options(tiny_model, data, tsm_checkpoint)
 
 
-def pth_to_hf(checkpoint, out, options, *flags, check=True):
-    """`python -m xtuner.tools.model_converters.pth_to_hf CONFIG PTH OUT [flags] --cfg-options ...`."""
-    cmd = [sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf", str(REPO / CONFIG), str(checkpoint),
-           str(out), *flags, "--cfg-options", *options]
+def pth_to_hf(checkpoint, out, options, *flags, check=True, config=REPO / CONFIG):
+    """`python -m xtuner.tools.model_converters.pth_to_hf CONFIG PTH OUT [flags] [--cfg-options ...]`
+    (the module, not `xtuner convert`, which exits 0 whatever happens)."""
+    cmd = [sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf", str(config), str(checkpoint),
+           str(out), *flags] + (["--cfg-options", *options] if options else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # HF_MODULES_CACHE: the session's (conftest)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -41,7 +42,8 @@ def build_exports(tmp_path_factory, tiny_model, derma_data, tiny_tsm):
                                             f"train_cfg.max_iters={TRAIN_ITERS}"))
     checkpoint = work / f"iter_{TRAIN_ITERS}.pth"
     options = converter_options(tiny_model, derma_data, tiny_tsm)
-    pth_to_hf(checkpoint, root / "export_ep", options)
+    # the EP export from the config mmengine dumped into the work dir: no training option repeated
+    pth_to_hf(checkpoint, root / "export_ep", (), config=work / os.path.basename(CONFIG))
     pth_to_hf(checkpoint, root / "export_plain", options, "--save-format", "official")
     result = dict(work=str(work), checkpoint=str(checkpoint), ep=str(root / "export_ep"),
                   plain=str(root / "export_plain"), options=list(options))

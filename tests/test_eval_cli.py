@@ -274,3 +274,19 @@ def test_ranking_plot(exports, test_jsonl, tmp_path):
     assert numbers["n_pairs"] == len(numbers["positive"]) == len(numbers["negative"]) == 16 and numbers["use_ep"]
     assert numbers["ranked_correctly"] == pytest.approx(np.mean(np.greater(numbers["positive"], numbers["negative"])))
     # the values themselves: tests/test_evaluation.py checks them against the ranking likelihoods
+
+
+@pytest.mark.slow
+def test_eval_generate_with_ep_and_rank_without_ep_on_internlm2(exports, test_jsonl, tmp_path):
+    """The two remaining eval combinations, with the attention flag: InternLM2 has no SDPA."""
+    from xtuner_vitask.cli import eval as eval_cli
+
+    for mode, flag in (("generate", "--ep"), ("rank", "--no-ep")):
+        out = tmp_path / f"{mode}{flag}"
+        args = cli_args(eval_cli, exports["ep"], "--data", test_jsonl, "--mode", mode, flag, "--out", out,
+                        "--max-samples", 8, "--no-progress", "--attn-implementation", "eager")
+        assert eval_cli.run(args) == 0
+        report = _check_report(out, 8)
+        assert report["use_ep"] == (flag == "--ep") and report["mode"] == mode
+    with pytest.raises(VITaskError, match="InternLM2ForCausalLM .* does not support it"):
+        eval_cli.run(cli_args(eval_cli, exports["plain"], "--data", test_jsonl, "--attn-implementation", "sdpa"))

@@ -121,3 +121,46 @@ def test_best_key_must_be_a_logged_metric(tmp_path, tiny_model, derma_data):
         VITaskEvalHook(best_key="macro_f1_ep").before_train(runner)  # a plain model logs no EP metrics
     with pytest.raises(VITaskError, match="interval=0"):
         VITaskEvalHook(interval=0)
+
+
+def test_ep_is_evaluated_when_every_val_record_has_an_exemplar(tmp_path, tiny_model, derma_data):
+    """A VITask model with an exemplar cache covering the val split logs EP metrics too; a cache without the val
+    records (and no TSM) evaluates without EP only, and says why."""
+    import logging
+
+    import torch
+    from mmengine.logging import MMLogger
+
+    from test_evaluation import Exemplars, load_wrapper
+    from xtuner_vitask.datasets.internvl import InternVL2Dataset
+
+    class PartialCache(Exemplars):
+        def __getitem__(self, ids):
+            if any(i.startswith("dermamnist/val") for i in ids):
+                raise VITaskError(f"record id {ids[0]!r} is not in exemplar cache x.pt: rebuild the cache")
+            return super().__getitem__(ids)
+
+    torch.manual_seed(0)
+    model = load_wrapper(tiny_model, ep=True)
+    dataset = InternVL2Dataset(tiny_model, os.path.join(derma_data, "train.jsonl"), dynamic_image_size=False)
+    dataset.exemplars, dataset.tsm_transform = Exemplars(), None
+    runner = FakeRunner(model, dataset, tmp_path / "a", iteration=1)
+    hook = VITaskEvalHook(interval=2, max_samples=4, batch_size=4, best_key="macro_f1_ep")
+    hook.before_train(runner)
+    hook.after_train_iter(runner, 0)
+    logged = {k for k in runner.message_hub.log_scalars}
+    assert logged == {f"val/{m}_{ep}" for m in ("accuracy", "macro_f1") for ep in ("ep", "no_ep")}
+    assert runner.saved == ["best_macro_f1_ep_iter_2.pth"]
+
+    warnings = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    MMLogger.get_current_instance().addHandler(handler)
+    try:
+        dataset.exemplars = PartialCache()
+        hook = VITaskEvalHook(interval=2, max_samples=4, batch_size=4)
+        hook.before_train(FakeRunner(model, dataset, tmp_path / "b"))
+    finally:
+        MMLogger.get_current_instance().removeHandler(handler)
+    assert hook.ep_modes == (False,)
+    assert any("evaluating without EP only" in w and "is not in exemplar cache" in w for w in warnings)

@@ -67,7 +67,7 @@ def llm_model(request, tmp_path_factory):
 
     path = str(build_tiny_internvl(tmp_path_factory.mktemp("llm") / request.param, llm=request.param))
     torch.manual_seed(0)
-    return request.param, load_wrapper(path, ep=True), ModelInputs.for_model(path)
+    return request.param, load_wrapper(path, ep=True), ModelInputs.for_model(path), path
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_shared_prefix_ranking_gives_the_full_sequence_scores(llm_model, derma_d
                                                               monkeypatch):
     from xtuner_vitask.evaluation import ranking
 
-    llm, model, inputs = llm_model
+    llm, model, inputs, _ = llm_model
     use_ep = ep_mode is not None
     monkeypatch.setattr(model, "ep_mode", ep_mode or "cls")
     caches = []
@@ -125,6 +125,28 @@ def test_shared_prefix_ranking_gives_the_full_sequence_scores(llm_model, derma_d
     torch.testing.assert_close(shared, full, rtol=0, atol=1e-4)  # log-likelihoods: absolute
     assert full.std() > 0  # real scores, not a constant
     assert len(caches) == 2 and all(c is (tuple if llm == "internlm2" else DynamicCache) for c in caches)
+
+
+def test_generation_and_chat_give_the_same_answers_on_both_cache_kinds(llm_model, derma_data, derma_meta):
+    """Greedy answers: batched (left-padded prompts of different lengths) = one by one = chat's answer to the
+    same instruction about the same image (chat builds its prompt like a training conversation)."""
+    from xtuner_vitask.evaluation.generate import generate_records
+    from xtuner_vitask.inference.chat import ChatSession
+
+    _, model, inputs, path = llm_model
+    records = _records(derma_data, derma_meta, 3)
+    records[1] = dict(records[1], conversations=[dict(t) for t in records[1]["conversations"]])
+    records[1]["conversations"][0]["value"] += " Answer briefly."  # a longer prompt: the batch is padded
+    batched = generate_records(model.model, inputs, records, derma_data, batch_size=3, max_new_tokens=4,
+                               progress=False)
+    one_by_one = [generate_records(model.model, inputs, [r], derma_data, max_new_tokens=4, progress=False)[0]
+                  for r in records]
+    assert batched == one_by_one and all(batched)
+    session = ChatSession(path, os.path.join(derma_data, records[1]["image"]))
+    question = records[1]["conversations"][0]["value"].replace("<image>", "")
+    assert session.ask(question, max_new_tokens=4) == batched[1]
+    session.ask("Sure?", max_new_tokens=2)  # the second turn continues the first (tokens: test_prompt_is_...)
+    assert [t["from"] for t in session.history] == ["human", "gpt"] * 2 and session.history[1]["value"] == batched[1]
 
 
 def test_repeat_kv_cache_repeats_rows_of_tuples_and_cache_objects():

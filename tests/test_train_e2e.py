@@ -1,5 +1,7 @@
-"""End-to-end runs of XTuner's real train tool on the tiny model (CPU): the vanilla recipe,
-VITask through both stages, resume in stage 2, and DeepSpeed ZeRO-2."""
+"""End-to-end runs of XTuner's real train tool on the tiny models (CPU), configs as shipped (paths only through
+--cfg-options): on InternVL2's InternLM2 code the vanilla recipe, VITask through both stages with its eval hook,
+resume in stage 2, and training from an exemplar cache written by `xtuner-vitask cache-exemplars`; the vanilla
+recipe on Phi3 and DeepSpeed ZeRO-2 on Qwen2."""
 import glob
 import json
 import os
@@ -25,6 +27,18 @@ def test_vanilla_tiny_recipe_trains(tmp_path, tiny_model, derma_data):
                      f"train_dataloader.dataset.data_paths={derma_data}/train.jsonl", "train_cfg.max_epochs=2")
     assert "Iter(train) [24/24]" in proc.stdout + proc.stderr
     assert os.path.isfile(tmp_path / "iter_24.pth")
+
+
+def test_vanilla_recipe_on_phi3_trains_and_evaluates(tmp_path, tiny_model_phi3, derma_data):
+    """Phi3 (InternVL2-4B's LLM): fused qkv_proj/gate_up_proj LoRA targets, SDPA, DynamicCache ranking."""
+    m = tiny_model_phi3
+    proc = run_train("configs/internvl2_tiny_cpu_lora.py", tmp_path, f"model.model_path={m}",
+                     f"train_dataloader.dataset.model_path={m}",
+                     f"train_dataloader.dataset.data_paths={derma_data}/train.jsonl", "train_cfg.max_epochs=None",
+                     "train_cfg.max_iters=3")
+    log = proc.stdout + proc.stderr
+    assert "Iter(train) [3/3]" in log and "VITaskEvalHook iter 3" in log
+    assert os.path.isfile(tmp_path / "iter_3.pth")
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +85,29 @@ def test_connector_is_frozen_in_stage2(vitask_run, tmp_path, tiny_model, derma_d
     assert any(not torch.equal(at_16[k], at_24[k]) for k in lora)
 
 
-def test_vitask_under_deepspeed_zero2_on_cpu(tmp_path, tiny_model, derma_data, tiny_tsm):
+def test_vitask_from_an_exemplar_cache_written_by_the_cli(tmp_path, tiny_model, derma_data, tiny_tsm):
+    """README's workflow: `xtuner-vitask cache-exemplars`, then training with model.tsm=None (no TSM runs)."""
+    from xtuner_vitask.cli.main import main
+    from xtuner_vitask.models.exemplar_cache import ExemplarCache
+
+    cache = tmp_path / "exemplars_cls.pt"
+    assert main(["cache-exemplars", "--tsm", tiny_tsm, "--data", derma_data, "--out", str(cache), "--kind", "cls"]) == 0
+    dim = ExemplarCache.load(str(cache)).feature_dim
+    work = tmp_path / "work"
+    proc = run_train("configs/vitask_tiny_cpu.py", work,
+                     *vitask_options(tiny_model, derma_data, tiny_tsm, "model.tsm=None", f"model.exemplar_dim={dim}",
+                                     f"train_dataloader.dataset.exemplar_cache={cache}", "train_cfg.max_epochs=None",
+                                     "train_cfg.max_iters=4"))
+    assert "Iter(train) [4/4]" in proc.stdout + proc.stderr
+    state = torch.load(work / "iter_4.pth", map_location="cpu", weights_only=False)["state_dict"]
+    assert any(k.startswith("connector.") for k in state) and not any(k.startswith("tsm.") for k in state)
+    assert any(".output.modules_to_save." in k for k in state)  # InternLM2's head trained ("auto")
+
+
+def test_vitask_under_deepspeed_zero2_on_cpu(tmp_path, tiny_model_qwen2, derma_data, tiny_tsm):
+    """On Qwen2 (InternVL2-1B's LLM: transformers' class, SDPA, lm_head)."""
     proc = run_train("configs/vitask_tiny_cpu.py", tmp_path,
-                     *vitask_options(tiny_model, derma_data, tiny_tsm, "custom_hooks.1.interval=1000"),
+                     *vitask_options(tiny_model_qwen2, derma_data, tiny_tsm, "custom_hooks.1.interval=1000"),
                      deepspeed="configs/deepspeed/zero2_cpu.json")
     log = proc.stdout + proc.stderr
     assert "VITask stage 2 from iteration 12" in log and "loss_crt" in log

@@ -8,15 +8,13 @@ from peft import LoraConfig
 from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
 from xtuner_vitask.errors import VITaskError
 from xtuner_vitask.models import VITaskInternVL
-from xtuner_vitask.models.vitask import splice_tokens
 
-LORA = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-            task_type="CAUSAL_LM")
+LORA = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="auto", task_type="CAUSAL_LM")
 
 
 def build(tiny_model, tiny_tsm, data, **kw):
     torch.manual_seed(0)
-    return VITaskInternVL(tiny_model, freeze_llm=True, attn_implementation="sdpa", torch_dtype="float32",
+    return VITaskInternVL(tiny_model, freeze_llm=True, attn_implementation="auto", torch_dtype="float32",
                           activation_checkpointing=False, llm_lora=LORA,
                           tsm=dict(checkpoint=tiny_tsm, meta=f"{data}/meta.json"), **kw)
 
@@ -29,21 +27,6 @@ def dataset(tiny_model, data, **kw):
 def batch(tiny_model, derma_data):
     ds = dataset(tiny_model, derma_data)
     return vitask_collate_fn([ds[i] for i in range(6)])["data"]
-
-
-def test_splice_inserts_beside_and_replaces():
-    embeds = torch.arange(2 * 5, dtype=torch.float).reshape(2, 5, 1)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    labels = torch.tensor([[-100, -100, -100, 7, 8], [-100, -100, 9, -100, -100]])
-    tokens = torch.full((2, 2, 1), -1.0)
-    e, m, lab, pos = splice_tokens(embeds, mask, labels, [(2, 2), (1, 1)], tokens)
-    assert e[0, :, 0].tolist() == [0, 1, -1, -1, 2, 3, 4]
-    assert e[1, :5, 0].tolist() == [5, -1, -1, 6, 7] and m[1].tolist() == [True] * 5 + [False] * 2
-    assert lab[0].tolist() == [-100, -100, -100, -100, -100, 7, 8]
-    assert pos[0].tolist() == list(range(7))
-    # replace (EP_rep): span 1..3 of sample 0 becomes the two tokens
-    e, m, lab, _ = splice_tokens(embeds, mask, labels, [(1, 4), (0, 0)], tokens)
-    assert e[0, :4, 0].tolist() == [0, -1, -1, 4] and m[0].sum() == 4
 
 
 def test_negatives_are_label_aware_seeded_and_taken_from_the_batch_first(tiny_model, derma_data):
@@ -164,7 +147,7 @@ def test_collate_encodes_a_negative_drawn_twice_once(tiny_model, derma_data):
 def test_checkpoint_globs_pick_the_newest_match(tmp_path):
     import os
 
-    from xtuner_vitask.models.tsm import resolve_checkpoint
+    from xtuner_vitask.tsm.checkpoint import resolve_checkpoint
 
     old, new = tmp_path / "best_macro_f1_epoch_2.pth", tmp_path / "best_macro_f1_epoch_7.pth"
     old.write_bytes(b"x")

@@ -27,7 +27,7 @@ from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
 CONFIGS = {"tsm": "tsm_tiny_cpu", "vitask": "vitask_tiny_cpu", "vanilla": "internvl2_tiny_cpu_lora"}
-TINY_LLM = "qwen2"  # the LLM class of the tiny InternVL2
+TINY_LLM = "internlm2"  # the LLM class of the tiny InternVL2 (InternVL2-2B/8B's LLM)
 ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
              "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
 
@@ -203,10 +203,10 @@ def best_tsm_checkpoint(work_dir):
     return found[-1]
 
 
-def tsm_options(data_dir, num_classes, epochs, seed=0):
+def tsm_options(data_dir, epochs, seed=0):
     d = Path(data_dir)
     return [f"train_dataloader.dataset.data_file={d}/train.jsonl", f"val_dataloader.dataset.data_file={d}/val.jsonl",
-            f"test_dataloader.dataset.data_file={d}/test.jsonl", f"model.num_classes={num_classes}",
+            f"test_dataloader.dataset.data_file={d}/test.jsonl", f"model.meta={d}/meta.json",
             f"train_cfg.max_epochs={epochs}", "default_hooks.logger.interval=1", f"randomness.seed={seed}"]
 
 
@@ -239,9 +239,9 @@ def tsm_test_metrics(checkpoint, data_dir, split="test", batch_size=64):
     import numpy as np
     import torch
 
-    from .datasets.classification import ImageClassificationDataset, tsm_collate
+    from .tsm.dataset import ImageClassificationDataset, tsm_collate
     from .evaluation.metrics import classification_metrics
-    from .models.tsm import load_tsm
+    from .tsm.checkpoint import load_tsm
 
     tsm = load_tsm(str(checkpoint)).eval()
     data = ImageClassificationDataset(Path(data_dir) / f"{split}.jsonl", img_size=tsm.img_size, mean=tsm.mean,
@@ -362,7 +362,7 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
 
     step("TSM: tiny ViT classifier trained on the task")
-    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, len(meta["label_names"]), settings.tsm_epochs, seed),
+    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, settings.tsm_epochs, seed),
                      "tsm", logs, echo)
     tsm_ckpt = best_tsm_checkpoint(tsm_work)
 

@@ -1,17 +1,19 @@
 """One exception type for every user-facing mistake (bad file, key, config).
 
 The CLI prints it as a single ``error: ...`` message and exits 2. In XTuner's train tool, where no
-code of ours is on top of the stack, :func:`install_excepthook` (installed when the project's
-datasets are imported by a config) prints an uncaught VITaskError the same way, without the
+code of ours is on top of the stack, :func:`install_excepthook` (installed when mmengine is imported,
+by install.sh's import hook, and when the project's datasets or models are imported) prints an uncaught VITaskError the same way, without the
 traceback; the exit status stays 1. ``VITASK_TRACEBACK=1`` shows the traceback again.
 Messages name the thing and the fix.
+
+The class is defined in ``ep/exemplar_errors.py`` (EP exports carry a verbatim copy of ``ep/``).
 """
 import os
 import sys
 
+from .ep.exemplar_errors import VITaskError  # beside the EP code, so that EP exports raise it too
 
-class VITaskError(Exception):
-    """A user-facing error whose message names the thing that is wrong and the fix."""
+__all__ = ["VITaskError", "install_excepthook", "user_message"]
 
 
 _WORKER_PREFIX = "Caught VITaskError in DataLoader worker"

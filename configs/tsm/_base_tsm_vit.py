@@ -6,7 +6,7 @@
 #     with read_base():
 #         from .tsm._base_tsm_vit import *
 #     data_root = "data/pathmnist_224/"
-#     model.update(num_classes=9, task_type="multi-class")
+#     model.update(meta=data_root + "meta.json")   # class count and task type come from the data
 #     train_dataloader.dataset.update(data_file=data_root + "train.jsonl")   # and val / test
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook,
@@ -16,9 +16,9 @@ from mmengine.runner import EpochBasedTrainLoop, TestLoop, ValLoop
 from mmengine.visualization import LocalVisBackend, Visualizer
 from torch.optim import AdamW
 
-from xtuner_vitask.datasets.classification import ImageClassificationDataset
-from xtuner_vitask.evaluation.metrics import ClassificationMetric
-from xtuner_vitask.models.tsm import TaskSpecificModel
+from xtuner_vitask.tsm.dataset import ImageClassificationDataset
+from xtuner_vitask.tsm.metric import ClassificationMetric
+from xtuner_vitask.tsm.model import TaskSpecificModel
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -33,10 +33,10 @@ img_size = 224
 mean = (0.5, 0.5, 0.5)
 std = (0.5, 0.5, 0.5)
 
-# Data (a folder written by data_tools: train/val/test.jsonl + meta.json + images)
+# Data (a folder written by data_tools: train/val/test.jsonl + meta.json + images). The head's class
+# count and loss (cross-entropy for multi-class | binary | ordinal, BCE for multi-label, per-task
+# slices for a merged multi-task set) come from its meta.json.
 data_root = "data/dermamnist_224/"
-num_classes = 7
-task_type = "multi-class"  # multi-class | binary | ordinal (cross-entropy) | multi-label (BCE)
 
 # Scheduler & Optimizer (full fine-tune)
 batch_size = 64
@@ -56,8 +56,7 @@ warmup_ratio = 0.1
 model = dict(
     type=TaskSpecificModel,
     model_name=model_name,
-    num_classes=num_classes,
-    task_type=task_type,
+    meta=data_root + "meta.json",
     img_size=img_size,
     pretrained=pretrained,
     mean=mean,

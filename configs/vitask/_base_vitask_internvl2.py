@@ -26,8 +26,9 @@ from xtuner_vitask.models import VITaskInternVL
 #######################################################################
 # Model: a local InternVL2 folder or its hub id (huggingface-cli download OpenGVLab/InternVL2-2B)
 path = "OpenGVLab/InternVL2-2B"
-# InternVL's own LoRA targets for InternLM2 (XTuner's default would also wrap the output head)
-lora_targets = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+# "auto": InternVL's own LoRA targets for the checkpoint's LLM (InternLM2: attention.wqkv, attention.wo,
+# feed_forward.w1/w2/w3; XTuner's default, None, would also wrap InternLM2's output head); a list names them
+lora_targets = "auto"
 
 # Data (written by data_tools) and the TSM trained on it (configs/tsm_vit_base_<set>.py)
 data_root = "data/dermamnist_224/"
@@ -71,7 +72,9 @@ model = dict(
     freeze_llm=True,
     freeze_visual_encoder=True,
     freeze_mlp1=True,
-    attn_implementation="auto",  # flash-attention where importable on CUDA, else SDPA
+    # flash-attention 2 where it imports and CUDA runs, else SDPA if the LLM's code has it, else eager
+    # (InternVL2-2B's InternLM2 has no SDPA); an explicit choice the LLM cannot do is an error
+    attn_implementation="auto",
     torch_dtype="auto",  # bf16 on GPU, fp32 on CPU
     llm_lora=dict(type=LoraConfig, r=128, lora_alpha=256, lora_dropout=0.05, target_modules=lora_targets,
                   task_type="CAUSAL_LM"),

@@ -27,6 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--no-streamer", action="store_true", help="print each answer when complete")
     parser.add_argument("--seed", type=int, default=0)
+    from ..models.attention import add_cli_argument
+
+    add_cli_argument(parser)
 
 
 def get_input():
@@ -49,7 +52,8 @@ def run(args):
     from ..inference.chat import ChatSession
 
     torch.manual_seed(args.seed)
-    session = ChatSession(args.model_dir, args.image, args.prompt_template, args.system, args.use_ep, args.max_tiles)
+    session = ChatSession(args.model_dir, args.image, args.prompt_template, args.system, args.use_ep, args.max_tiles,
+                          args.attn_implementation)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                repetition_penalty=args.repetition_penalty)
     if args.prompt is not None:

@@ -2,6 +2,7 @@
 import os
 
 from ..errors import VITaskError
+from ..models.attention import add_cli_argument as add_attention_argument
 
 
 def add_arguments(parser):
@@ -22,6 +23,7 @@ def add_arguments(parser):
                         help="output folder for eval.json and confusion_matrix.png "
                              "(default: eval_results/<model>/<data>_<mode>_<ep|no-ep>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_attention_argument(parser)
 
 
 # ---- argument checks shared by eval, chat and ranking-plot: before anything loads --------------------------------
@@ -67,7 +69,8 @@ def run(args):
 
     report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, verbose=getattr(args, "verbose", False))
+                             progress=not args.no_progress, verbose=getattr(args, "verbose", False),
+                             attn_implementation=args.attn_implementation)
     out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
     written = write_report(report, out)
     print("\n".join(summary_lines(report)))

@@ -17,6 +17,9 @@ def add_arguments(parser):
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the negative-image draw")
     parser.add_argument("--title", default=None)
+    from ..models.attention import add_cli_argument
+
+    add_cli_argument(parser)
 
 
 def run(args):
@@ -33,7 +36,7 @@ def run(args):
     use_ep = info.has_ep if args.use_ep is None else args.use_ep
     meta = data_meta(info, args.data)
     records = read_records(args.data, meta, args.max_samples)
-    model = load_model(info, use_ep, getattr(args, "verbose", False))
+    model = load_model(info, use_ep, getattr(args, "verbose", False), args.attn_implementation)
     pos, neg = response_ranking(model, export_inputs(info, model, use_ep), records,
                                 os.path.dirname(os.path.abspath(args.data)), use_ep=use_ep,
                                 batch_size=args.batch_size, seed=args.seed)

@@ -39,22 +39,23 @@ class VITaskDataset(InternVL2Dataset):
         self.ids = [r.get("id", str(n)) for n, r in enumerate(self.data)]
         self.tsm_transform = None
         if tsm_checkpoint is not None:
-            from ..models.tsm import read_tsm_identity, resolve_checkpoint
+            from ..tsm.checkpoint import read_tsm_identity, resolve_checkpoint
 
             tsm_checkpoint = resolve_checkpoint(tsm_checkpoint)
             identity = read_tsm_identity(tsm_checkpoint)
             tsm_img_size, tsm_mean, tsm_std = identity["img_size"], identity["mean"], identity["std"]
         if tsm_img_size is not None:
-            from .classification import build_tsm_transform
+            from ..ep.exemplar_tsm import tsm_transform
 
-            self.tsm_transform = build_tsm_transform(tsm_img_size, tsm_mean, tsm_std, train=False)
+            self.tsm_transform = tsm_transform(tsm_img_size, tsm_mean, tsm_std)
         self.exemplars = None
         if exemplar_cache is not None:
-            from ..models.exemplar_cache import ExemplarCache, tsm_checksum_of
+            from ..tsm.checkpoint import tsm_checksum
+            from ..tsm.exemplar_cache import ExemplarCache
 
             self.exemplars = ExemplarCache.load(
                 exemplar_cache, expected_kind=exemplar_kind, required_ids=self.ids,
-                expected_tsm_sha256=tsm_checksum_of(tsm_checkpoint) if tsm_checkpoint else None)
+                expected_tsm_sha256=tsm_checksum(tsm_checkpoint) if tsm_checkpoint else None)
             self.tsm_transform = None  # the cache replaces the TSM's input
         if self.tsm_transform is None and self.exemplars is None:
             raise VITaskError("VITaskDataset needs tsm_img_size=... (TSM in the loop) or exemplar_cache=... (cached)")

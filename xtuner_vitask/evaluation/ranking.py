@@ -20,6 +20,7 @@ from ..contract import MULTI_LABEL
 from ..errors import VITaskError
 from ..formats import format_response
 from .inputs import human_turn
+from .kv_cache import repeat_kv_cache
 
 STRATEGIES = ("shared-prefix", "full-sequence")
 
@@ -59,21 +60,6 @@ def pad_sequences(seqs, pad_id, device):
     return input_ids.to(device), labels.to(device), mask.to(device), positions.to(device)
 
 
-def repeat_kv_cache(past_key_values, n):
-    """Each batch row of a KV cache repeated ``n`` times (row i -> rows i*n .. i*n+n-1).
-
-    Legacy tuples ((k, v) per layer, InternLM2's remote code) give new tuples; ``Cache`` objects
-    are repeated in place and returned.
-    """
-    if isinstance(past_key_values, (tuple, list)):
-        return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in past_key_values)
-    if hasattr(past_key_values, "batch_repeat_interleave"):
-        past_key_values.batch_repeat_interleave(n)
-        return past_key_values
-    raise VITaskError(f"the LLM returned a KV cache of type {type(past_key_values).__name__}, which can be neither "
-                      "repeated as tuples nor as a transformers Cache: rank with strategy='full-sequence'")
-
-
 def exemplar_inputs(batch, exemplars, device):
     """The EP input of a batch: cached exemplars (by record id) or the TSM's pixels."""
     if exemplars is not None:
@@ -85,12 +71,12 @@ def exemplar_inputs(batch, exemplars, device):
 
 def splice_exemplars(model, embeds, mask, labels, input_ids, data, repeat=1):
     """Embeddings with the EP tokens put where training puts them (the model's own spans and splice)."""
-    from ..models.vitask import splice_tokens
+    from ..ep.exemplar_prompting import splice_exemplars as splice
 
     tokens = model.exemplar_tokens(data)
     if repeat > 1:
         tokens = tokens.repeat_interleave(repeat, dim=0)
-    return splice_tokens(embeds, mask, labels, model.exemplar_spans(input_ids), tokens)
+    return splice(embeds, mask, model.exemplar_spans(input_ids), tokens, labels=labels)
 
 
 @torch.no_grad()

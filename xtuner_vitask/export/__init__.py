@@ -3,7 +3,8 @@
 - :func:`export_to_hf` is what ``model.to_hf(...)`` (and so ``xtuner convert pth_to_hf``) runs:
   LoRA merged by peft, the base checkpoint's remote code and tokenizer copied, and for VITask's
   EP variant the connector, the frozen TSM (``tsm/``) and ``modeling_vitask.py``.
-- :mod:`.folder` checks an export folder and loads it into the project's wrappers (eval, chat, plug).
+- :mod:`.folder` checks an export folder and loads it into the project's wrappers (eval, chat).
+- :mod:`.plug` swaps a newly trained TSM into an EP export (VITask^plug).
 """
 from .folder import ExportInfo, inspect_export, load_export_model, read_task_meta
 from .to_hf import EP_FORMATS, PLAIN_FORMATS, export_to_hf

@@ -8,8 +8,9 @@ from ..contract import load_meta
 from ..errors import VITaskError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TSM_FILES = ("config.json", "model.safetensors")
+                "pytorch_model.bin.index.json")  # one file, or shards + index (either is loaded)
+TSM_FILES = ("config.json", "model.safetensors")  # timm's folder layout
+EP_CODE_FILES = ("modeling_internvl_chat.py", "exemplar_errors.py", "exemplar_prompting.py", "exemplar_tsm.py")
 
 
 @dataclass
@@ -38,8 +39,9 @@ def _read_json(path, what):
 def inspect_export(path, need_ep=False):
     """Check that ``path`` is a complete model folder; ``need_ep``: it must be the EP variant.
 
-    Complete = config.json with auto_map, every remote-code file auto_map names, weights, tokenizer;
-    the EP variant also modeling_vitask.py and tsm/{config.json, model.safetensors}.
+    Complete = config.json with auto_map, every remote-code file auto_map names, weights (one file or
+    shards + index), tokenizer; the EP variant also modeling_vitask.py, the EP code beside it and
+    tsm/{config.json, model.safetensors} in timm's layout.
     """
     path = str(path)
     if not os.path.isdir(path):
@@ -70,11 +72,16 @@ def inspect_export(path, need_ep=False):
         tsm_dir = os.path.join(path, config["vitask"].get("tsm_subfolder", "tsm"))
         missing += [os.path.join(os.path.basename(tsm_dir), f) for f in TSM_FILES
                     if not os.path.isfile(os.path.join(tsm_dir, f))]
-        if not os.path.isfile(os.path.join(path, "modeling_internvl_chat.py")):  # modeling_vitask.py subclasses it
-            missing.append("modeling_internvl_chat.py")
+        # modeling_vitask.py subclasses the base model and imports the EP code beside it
+        missing += [f for f in EP_CODE_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise VITaskError(f"model folder {path} is incomplete: missing {', '.join(missing)}; re-export it with "
                           "`xtuner convert pth_to_hf` (or copy the files from the base InternVL2 folder)")
+    if has_ep:
+        tsm_config = _read_json(os.path.join(tsm_dir, "config.json"), "TSM config")
+        if "architecture" not in tsm_config:
+            raise VITaskError(f"{tsm_dir}/config.json is not in timm's folder layout: {path} was exported by an "
+                              "older xtuner-vitask; export it again with `xtuner convert pth_to_hf`")
     if need_ep and not has_ep:
         raise VITaskError(f"--ep needs the EP export, but {path} is a plain InternVL2 folder (no TSM): drop --ep, "
                           "or export with `xtuner convert pth_to_hf` without --save-format official")
@@ -113,7 +120,9 @@ def read_task_meta(info, data_meta_path=None):
 
 def load_export_model(info, use_ep=False, torch_dtype="auto", attn_implementation="auto"):
     """The export as the project's wrapper: ``InternVL2`` (plain) or ``VITaskInternVL`` with the
-    export's connector and TSM (``use_ep``), frozen, in eval mode."""
+    export's connector and TSM (``use_ep``), frozen, in eval mode. Both sides run the same EP code
+    (the export carries a verbatim copy of ``xtuner_vitask/ep``); tests/test_export.py checks their
+    logits agree."""
     from ..models.internvl import InternVL2
 
     common = dict(freeze_llm=True, freeze_visual_encoder=True, llm_lora=None, attn_implementation=attn_implementation,

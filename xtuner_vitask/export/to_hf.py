@@ -12,10 +12,16 @@ trained tensor) in, and writes:
 
 The EP variant (pth_to_hf's default ``--save-format xtuner``) adds the exemplar connector's
 weights, ``modeling_vitask.py`` (a subclass of the base ``InternVLChatModel`` with EP in
-``chat``/``generate``) and the frozen TSM in ``tsm/`` (config.json + model.safetensors + its
-training config). ``--save-format official`` (or ``huggingface``) writes the plain variant: a
-standard InternVL2 folder that InternVL's own remote code loads, with no TSM (the point of RDA).
+``chat``/``generate``), verbatim copies of the EP code it imports (``xtuner_vitask/ep``:
+exemplar_errors.py, exemplar_prompting.py, exemplar_tsm.py -- the code training runs) and the
+frozen TSM in ``tsm/`` in timm's own folder layout (config.json + model.safetensors; loads with
+``timm.create_model("local-dir:tsm")``). ``--save-format official`` (or ``huggingface``) writes the
+plain variant: a standard InternVL2 folder that InternVL's own remote code loads, with no TSM
+(the point of RDA). Weights above ``--max-shard-size`` are sharded (``model-0000x-of-0000y.safetensors``
++ ``model.safetensors.index.json``). The folder appears complete or not at all, with the mode
+the umask gives.
 """
+import contextlib
 import copy
 import json
 import os
@@ -25,6 +31,7 @@ import tempfile
 import torch
 from mmengine import print_log
 
+from ..ep.exemplar_prompting import feature_kind
 from ..errors import VITaskError
 
 EXPORT_FORMAT = "xtuner_vitask.export/1"
@@ -96,48 +103,20 @@ def merged_base_model(model):
 
 
 # ------------------------------------------------------------------------------------ the TSM
-def _tsm_config_text(checkpoint, config):
-    """The TSM's training config as text: the given file, else the one mmengine stored in the checkpoint."""
-    if config is not None:
-        if not os.path.isfile(str(config)):
-            raise VITaskError(f"TSM config {config} does not exist: pass the config the TSM was trained with")
-        from mmengine.config import Config
-
-        try:
-            return Config.fromfile(str(config)).pretty_text
-        except Exception:  # configs that mmengine cannot pretty-print: keep the source
-            with open(config, encoding="utf-8") as f:
-                return f.read()
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)  # the user's own training state
-    text = (ckpt.get("meta") or {}).get("cfg") if isinstance(ckpt, dict) else None
-    if not text:
-        raise VITaskError(f"{checkpoint} carries no training config: pass the TSM's config (--tsm-config)")
-    return text
-
-
 def write_tsm_folder(checkpoint, out_dir, config=None, feature_kind="cls"):
-    """A trained TSM (mmengine checkpoint [+ training config]) -> ``out_dir``/{config.json,
-    model.safetensors, xtuner_config.py}, loadable with timm alone. Returns the spec (config.json)."""
-    from mmengine.config import Config
-    from safetensors.torch import save_file
+    """A trained TSM (mmengine checkpoint) -> ``out_dir`` in timm's folder layout (config.json +
+    model.safetensors), loadable with timm alone; xtuner-vitask's record is config.json's
+    ``vitask_tsm``. ``config``: the TSM's training config, only for checkpoints that predate the
+    identity's ``model_kwargs``. Returns that record."""
+    from ..ep.exemplar_tsm import ExemplarTSM
+    from ..tsm.checkpoint import load_tsm
 
-    from ..models.tsm import load_tsm
-
-    text = _tsm_config_text(checkpoint, config)
-    tsm = load_tsm(checkpoint, config=Config.fromstring(text, ".py"))
-    model_cfg = Config.fromstring(text, ".py").model
-    spec = dict(tsm.identity(), model_kwargs=dict(model_cfg.get("model_kwargs") or {}),
-                feature_dim=tsm.feature_dim, feature_kind=feature_kind,
-                feature_shape=list(tsm.feature_shape(feature_kind)), sha256=tsm.sha256,
-                source_checkpoint=os.path.basename(str(checkpoint)))
-    weights = {k[len("backbone."):]: v.contiguous() for k, v in tsm.state_dict().items()
-               if k.startswith("backbone.") and torch.is_tensor(v)}
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "config.json"), spec)
-    with open(os.path.join(out_dir, "xtuner_config.py"), "w", encoding="utf-8") as f:
-        f.write(text)
-    return spec
+    tsm = load_tsm(checkpoint, config=config)
+    record = dict(tsm.identity(), feature_dim=tsm.feature_dim, feature_kind=feature_kind,
+                  feature_shape=list(tsm.feature_shape(feature_kind)), sha256=tsm.sha256,
+                  source_checkpoint=os.path.basename(str(checkpoint)))
+    ExemplarTSM(tsm.backbone, tsm.img_size, tsm.mean, tsm.std, info=record).save(out_dir)
+    return record
 
 
 # ------------------------------------------------------------------------------------ files
@@ -176,13 +155,20 @@ def _copy_base_files(base, out):
 
 
 def write_ep_modeling_file(folder, base_class_ref):
-    """modeling_vitask.py: the template, importing (relatively) every file the base modeling file needs."""
+    """modeling_vitask.py (the template, importing relatively every file the base modeling file needs)
+    and, beside it, verbatim copies of the EP modules it imports (``xtuner_vitask/ep``)."""
     from transformers.dynamic_module_utils import get_relative_import_files
+
+    from .. import ep
 
     base_module = base_class_ref.split("--")[-1].rsplit(".", 1)[0]
     if base_module != "modeling_internvl_chat":
         raise VITaskError(f"the base model's AutoModel is {base_class_ref}, not modeling_internvl_chat."
                           "InternVLChatModel: the EP export supports InternVL2 checkpoints only")
+    clash = [m for m in ep.EXPORTED_MODULES if os.path.exists(os.path.join(folder, m + ".py"))]
+    if clash:
+        raise VITaskError(f"the base model folder has its own {clash[0]}.py, a name the EP code needs: "
+                          "export with --save-format official (plain) or rename that file")
     needed = sorted({os.path.splitext(os.path.basename(f))[0]
                     for f in get_relative_import_files(os.path.join(folder, base_module + ".py"))})
     lines = "\n".join(f"from .{name} import __name__ as _{name}  # noqa: F401" for name in needed)
@@ -190,6 +176,8 @@ def write_ep_modeling_file(folder, base_class_ref):
         text = f.read().replace("{relative_imports}", lines)
     with open(os.path.join(folder, "modeling_vitask.py"), "w", encoding="utf-8") as f:
         f.write(text)
+    for name in ep.EXPORTED_MODULES:
+        shutil.copy2(os.path.join(os.path.dirname(ep.__file__), name + ".py"), os.path.join(folder, name + ".py"))
 
 
 def _output_dtype(base_config, fp32):
@@ -198,10 +186,37 @@ def _output_dtype(base_config, fp32):
     return DTYPES.get(str(base_config.get("torch_dtype", "bfloat16")), torch.bfloat16)
 
 
-def _finish(tmp, save_dir):
-    """Move the complete folder into place (pth_to_hf has already created ``save_dir``, maybe empty)."""
-    if os.path.isdir(save_dir) and os.listdir(save_dir):
+def umask_mode():
+    """The mode a new folder gets from the process umask (``tempfile.mkdtemp`` alone gives 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def new_folder_beside(save_dir, prefix):
+    """A temporary folder next to ``save_dir`` (same file system: the final rename is atomic), umask mode."""
+    parent = os.path.dirname(save_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(tmp, umask_mode())
+    return tmp
+
+
+def check_output_folder(save_dir):
+    """Refuse an output folder with anything in it (pth_to_hf has already created it, maybe empty)."""
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         raise VITaskError(f"{save_dir} exists and is not empty: remove it or pass another output folder")
+
+
+def remove_if_empty(folder):
+    """Leave no empty output folder behind a refusal (pth_to_hf creates it before calling to_hf)."""
+    with contextlib.suppress(OSError):  # not empty, or gone: leave it
+        os.rmdir(folder)
+
+
+def _finish(tmp, save_dir):
+    """Move the complete folder into place."""
+    check_output_folder(save_dir)
     if os.path.isdir(save_dir):
         os.rmdir(save_dir)
     os.replace(tmp, save_dir)
@@ -213,14 +228,26 @@ def export_to_hf(model, cfg=None, save_dir=None, fp32=False, save_pretrained_kwa
 
     Args follow XTuner's ``to_hf`` call: ``save_format`` 'xtuner' (default) writes the EP variant
     for VITask models, 'official'/'huggingface' the plain InternVL2 folder; ``fp32`` saves float32
-    (else the base checkpoint's own dtype, bfloat16 for InternVL2); weights are always safetensors
-    (``max_shard_size`` from ``save_pretrained_kwargs``). Returns ``save_dir``.
+    (else the base checkpoint's own dtype, bfloat16 for InternVL2); weights are always safetensors,
+    sharded above ``max_shard_size`` (from ``save_pretrained_kwargs``; pth_to_hf's default 2GB).
+    A refusal leaves nothing behind, not even the empty folder pth_to_hf created. Returns ``save_dir``.
     """
-    if save_format not in EP_FORMATS + PLAIN_FORMATS:
-        raise VITaskError(f"--save-format {save_format}: use 'xtuner' (VITask with EP) or 'official' (plain InternVL2)")
     if save_dir is None:
         raise VITaskError("to_hf needs save_dir")
     save_dir = os.path.abspath(str(save_dir))
+    check_output_folder(save_dir)  # before minutes of merging, and without removing anything of the user's
+    try:
+        _export(model, cfg, save_dir, fp32, dict(save_pretrained_kwargs or {}), save_format)
+    except BaseException:
+        remove_if_empty(save_dir)
+        raise
+    print_log(f"Export: wrote {save_dir}", logger="current")
+    return save_dir
+
+
+def _export(model, cfg, save_dir, fp32, save_kwargs, save_format):
+    if save_format not in EP_FORMATS + PLAIN_FORMATS:
+        raise VITaskError(f"--save-format {save_format}: use 'xtuner' (VITask with EP) or 'official' (plain InternVL2)")
     with_ep = hasattr(model, "connector") and save_format in EP_FORMATS
     check_trained_tensors_loaded(model)
     base = model.model_path
@@ -231,7 +258,7 @@ def export_to_hf(model, cfg=None, save_dir=None, fp32=False, save_pretrained_kwa
     dtype = _output_dtype(base_config, fp32)
     if with_ep and getattr(model, "tsm", None) is None:
         raise VITaskError("this model was trained from an exemplar cache and has no TSM to export: set "
-                          "model.tsm=dict(checkpoint=..., config=...) in the config, or pass --save-format official "
+                          "model.tsm=dict(checkpoint=...) in the config, or pass --save-format official "
                           "for the plain model")
 
     print_log(f"Export: merging the trained weights into {base}", logger="current")
@@ -241,13 +268,10 @@ def export_to_hf(model, cfg=None, save_dir=None, fp32=False, save_pretrained_kwa
         state.update((f"connector.{k}", v) for k, v in model.connector.state_dict().items())
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
-    parent = os.path.dirname(save_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_export_", dir=parent)
+    tmp = new_folder_beside(save_dir, ".tmp_export_")
     try:
-        kwargs = dict(save_pretrained_kwargs or {})
         merged.save_pretrained(tmp, state_dict=state, safe_serialization=True,
-                               max_shard_size=kwargs.get("max_shard_size", "5GB"))
+                               max_shard_size=save_kwargs.get("max_shard_size", "5GB"))
         for name in os.listdir(tmp):  # save_pretrained's copies of code/config are replaced below
             if name.endswith(".py"):
                 os.remove(os.path.join(tmp, name))
@@ -262,24 +286,22 @@ def export_to_hf(model, cfg=None, save_dir=None, fp32=False, save_pretrained_kwa
             shutil.copy2(meta_path, os.path.join(tmp, "task_meta.json"))
         info["task_meta"] = "task_meta.json" if meta_path else None
         if with_ep:
-            kind = "cls" if model.ep_mode == "cls" else "all"
+            kind = feature_kind(model.ep_mode)
             tsm_cfg = (cfg.get("model") or {}).get("tsm") or {} if cfg is not None else {}
-            spec = write_tsm_folder(model.tsm.checkpoint_path, os.path.join(tmp, "tsm"),
-                                    config=tsm_cfg.get("config"), feature_kind=kind)
-            if spec["feature_dim"] != model.connector.feature_dim:
-                raise VITaskError(f"the TSM's features have size {spec['feature_dim']} but the connector takes "
+            record = write_tsm_folder(model.tsm.checkpoint_path, os.path.join(tmp, "tsm"),
+                                      config=tsm_cfg.get("config"), feature_kind=kind)
+            if record["feature_dim"] != model.connector.feature_dim:
+                raise VITaskError(f"the TSM's features have size {record['feature_dim']} but the connector takes "
                                   f"{model.connector.feature_dim}: export with the TSM the model was trained with")
             write_ep_modeling_file(tmp, config["auto_map"]["AutoModel"])
             config["architectures"] = ["VITaskInternVLChatModel"]
             config["auto_map"].update(AutoModel=EP_CLASS, AutoModelForCausalLM=EP_CLASS)
             config["vitask"] = dict(ep_mode=model.ep_mode, exemplar_dim=model.connector.feature_dim,
                                     feature_kind=kind, tsm_subfolder="tsm", use_ep_default=True)
-            info.update(ep_mode=model.ep_mode, tsm_sha256=spec["sha256"])
+            info.update(ep_mode=model.ep_mode, tsm_sha256=record["sha256"])
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "vitask_export.json"), info)
         _finish(tmp, save_dir)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    print_log(f"Export: wrote the {'EP' if with_ep else 'plain'} variant to {save_dir}", logger="current")
-    return save_dir

@@ -33,11 +33,13 @@ class ChatSession:
         max_tiles: image tiles (1 = as VITask trains).
     """
 
-    def __init__(self, model_dir, image_path, prompt_template=None, system=None, use_ep=None, max_tiles=1):
+    def __init__(self, model_dir, image_path, prompt_template=None, system=None, use_ep=None, max_tiles=1,
+                 attn_implementation="auto"):
         import torch
         from transformers import AutoModel
 
         from ..export.folder import inspect_export
+        from ..models.attention import prepare_attention
         from ..models.internvl import resolve_dtype
 
         info = inspect_export(model_dir, need_ep=bool(use_ep))
@@ -46,8 +48,9 @@ class ChatSession:
         template = resolve_template(prompt_template, info.config.get("template"))
         self.has_ep = info.has_ep
         self.use_ep = info.has_ep if use_ep is None else bool(use_ep)
-        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=True,
-                                               torch_dtype=resolve_dtype("auto")).eval()
+        config, _, attention_kwargs = prepare_attention(model_dir, attn_implementation)  # per LLM, as training
+        self.model = AutoModel.from_pretrained(model_dir, config=config, trust_remote_code=True,
+                                               torch_dtype=resolve_dtype("auto"), **attention_kwargs).eval()
         self.inputs = ModelInputs.for_model(model_dir, template=template, system=system, max_tiles=max_tiles,
                                             tsm_transform=self.model.tsm_preprocess if self.use_ep else None)
         self.tokenizer = self.inputs.tokenizer

@@ -27,12 +27,12 @@ def quiet_logs(verbose=False):
         logger.setLevel(level)
 
 
-def load_model(info, use_ep, verbose=False):
-    """The export as the project's wrapper (quietly unless ``verbose``)."""
+def load_model(info, use_ep, verbose=False, attn_implementation="auto"):
+    """The export as the project's wrapper (quietly unless ``verbose``); attention resolved per LLM."""
     from ..export.folder import load_export_model
 
     with quiet_logs(verbose):
-        return load_export_model(info, use_ep=use_ep)
+        return load_export_model(info, use_ep=use_ep, attn_implementation=attn_implementation)
 
 
 def export_inputs(info, model, use_ep):
@@ -50,7 +50,8 @@ def data_meta(info, data_path):
 
 
 def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8, max_samples=None,
-                    max_new_tokens=None, progress=True, model=None, strategy="shared-prefix", verbose=False):
+                    max_new_tokens=None, progress=True, model=None, strategy="shared-prefix", verbose=False,
+                    attn_implementation="auto"):
     """Score ``model_dir`` (an export folder) on ``data_path``; returns the report dict.
 
     ``use_ep`` None = EP when the export has a TSM. ``model``: an already loaded wrapper to reuse
@@ -65,7 +66,7 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     use_ep = info.has_ep if use_ep is None else bool(use_ep)
     meta = data_meta(info, data_path)
     records = read_records(data_path, meta, max_samples)
-    model = model or load_model(info, use_ep, verbose)
+    model = model or load_model(info, use_ep, verbose, attn_implementation)
     inputs = export_inputs(info, model, use_ep)
 
     report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,

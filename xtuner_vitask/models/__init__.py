@@ -1,21 +1,20 @@
-"""Models: the InternVL2 wrapper, VITask on top of it, the exemplar connector, the TSM, losses.
+"""Models: the InternVL2 wrapper, VITask on top of it, losses. (The TSM is in ``xtuner_vitask.tsm``,
+exemplar prompting in ``xtuner_vitask.ep``.)
 
-Exports resolve lazily: ``from xtuner_vitask.models.tsm import ...`` does not pay
-for importing XTuner and transformers.
+Exports resolve lazily: importing this package does not pay for XTuner and transformers.
 """
 import importlib
 
 from .._compat import allow_training_state_loads
+from ..errors import install_excepthook
 
 # install.sh's import hook already did this when mmengine loaded; without it (a plain pip install) this still
-# covers mmengine's own resume, which runs after the model is built (not XTuner's earlier seed read).
+# covers mmengine's own resume, which runs after the model is built (not XTuner's earlier seed read), and
+# pth_to_hf's refusals.
 allow_training_state_loads()
+install_excepthook()
 
-_EXPORTS = {
-    "InternVL2": ".internvl", "VITaskInternVL": ".vitask", "ExemplarConnector": ".connector",
-    "TaskSpecificModel": ".tsm", "load_tsm": ".tsm", "tsm_checksum": ".tsm", "check_tsm_matches_meta": ".tsm",
-    "read_tsm_identity": ".tsm", "ExemplarCache": ".exemplar_cache", "build_exemplar_cache": ".exemplar_cache",
-}
+_EXPORTS = {"InternVL2": ".internvl", "VITaskInternVL": ".vitask"}
 __all__ = list(_EXPORTS)
 
 

@@ -1,16 +1,19 @@
-"""XTuner's InternVL_V1_5 wrapper, fixed for CPU and GPUs without flash-attention.
+"""XTuner's InternVL_V1_5 wrapper, fixed for CPU, GPUs without flash-attention and every InternVL2 LLM.
 
-Only what blocks those machines differs from XTuner:
-- XTuner forces ``flash_attention_2`` (an ImportError without flash-attn); here the
-  attention implementation and load dtype are config values (``'auto'`` picks
-  flash-attention only when it is importable and CUDA runs, else SDPA).
+Only what blocks those differs from XTuner:
+- XTuner forces ``flash_attention_2`` (an ImportError without flash-attn); here the attention
+  implementation is a config value resolved per LLM (:mod:`.attention`: ``'auto'`` = flash-attention
+  where it imports and CUDA runs, else SDPA where the LLM's code supports it, else eager -- InternVL2's
+  InternLM2 has no SDPA), and so is the load dtype.
+- LoRA targets and the trained head come from the LLM's architecture (``target_modules="auto"``,
+  ``modules_to_save="auto"``, :mod:`.lora`), and an entry that matches nothing is an error, not silence.
 - XTuner's ``_llm_forward`` calls ``torch.distributed.get_rank()`` and so needs a
   process group even in a single process; the forward here is composed of small
   steps (encode images, splice embeddings, run the LLM) that VITask reuses.
 - ``mlp1`` can be frozen (InternVL2 recipes and the paper keep it frozen; XTuner trains it).
 """
 import contextlib
-import importlib.util
+import copy
 import os
 
 import torch
@@ -21,16 +24,13 @@ from xtuner.model import InternVL_V1_5
 
 from ..errors import VITaskError
 from . import losses
+from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (re-exported)
+                        resolve_attn_implementation)
+from .lora import resolve_lora_config
 
 
-def resolve_attn_implementation(name):
-    """'auto' -> flash_attention_2 where flash-attn imports and CUDA runs, else sdpa."""
-    if name == "auto":
-        usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-        return "flash_attention_2" if usable else "sdpa"
-    if name not in ("eager", "sdpa", "flash_attention_2"):
-        raise VITaskError(f"attn_implementation={name!r}: use 'auto', 'eager', 'sdpa' or 'flash_attention_2'")
-    return name
+class ConfigMismatchError(VITaskError, AttributeError):
+    """A checkpoint's tensor has no place in the model the config builds (an AttributeError for ``hasattr``)."""
 
 
 def resolve_dtype(name):
@@ -64,26 +64,21 @@ def load_internvl_config(model_path):
     return config
 
 
-def set_attn_implementation(config, attn_implementation):
-    """Point every attention switch of an InternVLChatConfig at one implementation."""
-    flash = attn_implementation == "flash_attention_2"
-    config.use_flash_attn = flash  # read by InternVL's remote code
-    if hasattr(config.vision_config, "use_flash_attn"):
-        config.vision_config.use_flash_attn = flash
-    if config.llm_config.model_type == "internlm2":  # remote code: eager or flash only
-        config.llm_config.attn_implementation = "flash_attention_2" if flash else "eager"
-    config.llm_config._attn_implementation = attn_implementation
-
-
 @contextlib.contextmanager
-def _load_overrides(attn_implementation, torch_dtype):
-    """While XTuner's __init__ runs, let its AutoModel.from_pretrained use our attention and dtype."""
+def _load_overrides(model_path, attn_implementation, torch_dtype):
+    """While XTuner's __init__ runs, let its AutoModel.from_pretrained use our attention and dtype.
+
+    XTuner has just written "flash_attention_2" into the LLM config (``attn_implementation`` for InternLM2,
+    ``_attn_implementation`` otherwise); both are set again here, and InternVL2's ``use_flash_attn`` keyword
+    is passed so its model code does not switch flash on by itself where flash-attn imports.
+    """
     real_auto_model = xtuner_internvl.AutoModel
 
     class _AutoModel:
         @staticmethod
         def from_pretrained(path, *args, config=None, **kwargs):
-            set_attn_implementation(config, attn_implementation)
+            apply_attn_implementation(config, attn_implementation)
+            kwargs.update(load_kwargs(config, model_path, attn_implementation))
             kwargs["torch_dtype"] = torch_dtype
             return real_auto_model.from_pretrained(path, *args, config=config, **kwargs)
 
@@ -97,19 +92,20 @@ def _load_overrides(attn_implementation, torch_dtype):
 class InternVL2(InternVL_V1_5):
     """XTuner's InternVL2 wrapper with the attention, dtype and mlp1 freezing as config values.
 
-    Args (beyond XTuner's): attn_implementation ('auto'|'eager'|'sdpa'|'flash_attention_2'),
-    torch_dtype ('auto'|'bfloat16'|'float16'|'float32'), freeze_mlp1, activation_checkpointing;
+    Args (beyond XTuner's): attn_implementation ('auto'|'eager'|'sdpa'|'flash_attention_2', checked against
+    the LLM), torch_dtype ('auto'|'bfloat16'|'float16'|'float32'), freeze_mlp1, activation_checkpointing;
+    ``llm_lora`` may say ``target_modules="auto"`` and ``modules_to_save="auto"`` (see :mod:`.lora`);
     ``llm=None`` only lets ``xtuner convert pth_to_hf`` read ``cfg.model.llm``.
     """
 
     def __init__(self, model_path, *, attn_implementation="auto", torch_dtype="auto", freeze_mlp1=False,
                  activation_checkpointing=True, llm_lora=None, llm=None, **kwargs):
         # ``llm`` is ignored: XTuner's pth_to_hf reads ``cfg.model.llm`` (configs set it to None)
-        load_internvl_config(model_path)
-        self.attn_implementation = resolve_attn_implementation(attn_implementation)
+        config = load_internvl_config(model_path)
+        self.attn_implementation = resolve_attn_implementation(attn_implementation, config, model_path)
         if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
             llm_lora = ConfigDict(llm_lora)
-        with _load_overrides(self.attn_implementation, resolve_dtype(torch_dtype)):
+        with _load_overrides(model_path, self.attn_implementation, resolve_dtype(torch_dtype)):
             super().__init__(model_path, llm_lora=llm_lora, **kwargs)
         self.model_path = model_path
         self.freeze_mlp1 = freeze_mlp1
@@ -117,6 +113,31 @@ class InternVL2(InternVL_V1_5):
             self.model.mlp1.requires_grad_(False)
         if not activation_checkpointing:
             self.gradient_checkpointing_disable()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "connector":
+                raise
+        # XTuner's pth_to_hf puts every tensor of the checkpoint into the model built from the config
+        raise ConfigMismatchError(f"the checkpoint holds VITask's exemplar connector but the config builds the "
+                                  f"vanilla {type(self).__name__}: convert it with the VITask config it was trained "
+                                  "with (the copy in its work_dir)") from None
+
+    def _prepare_llm_for_lora(self, lora_config, use_activation_checkpointing=True):
+        """XTuner's LoRA setup, after "auto" targets/head are resolved and every entry is checked against
+        the LLM (before the first step, instead of peft's error or silence)."""
+        lora_config = copy.deepcopy(lora_config)
+        get = lora_config.get if isinstance(lora_config, dict) else lambda key: getattr(lora_config, key, None)
+        targets, to_save = resolve_lora_config(self.model.language_model, get("target_modules"),
+                                               get("modules_to_save"))
+        if isinstance(lora_config, dict):
+            lora_config.update(target_modules=targets, modules_to_save=to_save)
+        else:
+            lora_config.target_modules, lora_config.modules_to_save = targets, to_save
+        self.lora_target_modules, self.lora_modules_to_save = targets, to_save
+        return super()._prepare_llm_for_lora(lora_config, use_activation_checkpointing)
 
     def state_dict(self, *args, **kwargs):
         """XTuner's choice (LoRA / unfrozen towers / mlp1), minus mlp1 when it is frozen (it is the base model's)."""

@@ -8,36 +8,11 @@ the exemplar connector on L_van + L_EP + alpha L_RDA; stage 2 (switched by
 from collections import OrderedDict
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
+from ..ep.exemplar_prompting import ExemplarConnector, exemplar_spans, feature_kind, splice_exemplars
 from ..errors import VITaskError
 from . import losses
-from .connector import ExemplarConnector
 from .internvl import InternVL2
-
-EP_MODES = ("cls", "all", "rep")
-
-
-def splice_tokens(embeds, attention_mask, labels, spans, tokens):
-    """Put ``tokens[i]`` (K, H) into sample i of the sequence batch, replacing ``embeds[i, a:b]`` for spans[i] = (a, b).
-
-    a == b inserts (EP_cls / EP_all: exemplar tokens beside the image tokens);
-    a < b replaces (EP_rep: TSM tokens instead of the image tokens). Inserted
-    positions are attended to and carry no label; sequences are right-padded again.
-    """
-    new_embeds, new_labels, lengths = [], [], []
-    valid = attention_mask.sum(dim=1).tolist()  # one host sync for the batch, not one per sample
-    for i, (a, b) in enumerate(spans):
-        n = int(valid[i])
-        k = tokens[i].shape[0]
-        new_embeds.append(torch.cat([embeds[i, :a], tokens[i].to(embeds.dtype), embeds[i, b:n]]))
-        new_labels.append(torch.cat([labels[i, :a], labels.new_full((k,), losses.IGNORE_INDEX), labels[i, b:n]]))
-        lengths.append(n - (b - a) + k)
-    embeds = pad_sequence(new_embeds, batch_first=True)
-    labels = pad_sequence(new_labels, batch_first=True, padding_value=losses.IGNORE_INDEX)
-    positions = torch.arange(embeds.shape[1], device=embeds.device)
-    mask = positions[None, :] < torch.tensor(lengths, device=embeds.device)[:, None]
-    return embeds, mask, labels, positions.expand(len(spans), -1)
 
 
 class VITaskInternVL(InternVL2):
@@ -60,8 +35,7 @@ class VITaskInternVL(InternVL2):
     def __init__(self, model_path, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
                  use_rda=True, use_crt=True, detach_rda=True, freeze_mlp1=True, freeze_visual_encoder=True,
                  **kwargs):
-        if ep_mode not in EP_MODES:
-            raise VITaskError(f"ep_mode={ep_mode!r} is not an EP mode: use one of {', '.join(EP_MODES)}")
+        feature_kind(ep_mode)  # refuses anything but EP_MODES
         for name, value in (("alpha", alpha), ("beta", beta)):
             if value < 0:
                 raise VITaskError(f"{name}={value}: loss weights must be >= 0 (0 switches the term off)")
@@ -71,7 +45,7 @@ class VITaskInternVL(InternVL2):
 
         self.tsm = None
         if tsm is not None:
-            from .tsm import check_tsm_matches_meta, load_tsm, resolve_checkpoint
+            from ..tsm.checkpoint import check_tsm_matches_meta, load_tsm, resolve_checkpoint
 
             tsm = dict(tsm)
             meta = tsm.pop("meta", None)
@@ -112,9 +86,7 @@ class VITaskInternVL(InternVL2):
         if self.tsm is None or "tsm_pixel_values" not in data:
             raise VITaskError("the batch has neither cached 'exemplars' nor 'tsm_pixel_values' for the TSM: "
                               "configure VITaskDataset with exemplar_cache=... or tsm_img_size=...")
-        kind = "cls" if self.ep_mode == "cls" else "all"
-        with torch.no_grad():
-            return self.tsm.extract_features(data["tsm_pixel_values"], kind=kind)
+        return self.tsm.extract_features(data["tsm_pixel_values"], kind=feature_kind(self.ep_mode))
 
     def exemplar_tokens(self, data):
         features = self.exemplar_features(data)
@@ -131,16 +103,7 @@ class VITaskInternVL(InternVL2):
 
     def exemplar_spans(self, input_ids):
         """Per sample, where EP puts its tokens: after the image tokens, or over them for EP_rep."""
-        is_image = input_ids == self.model.img_context_token_id
-        positions = torch.arange(is_image.shape[1], device=is_image.device)
-        first = torch.where(is_image, positions, is_image.shape[1]).amin(dim=1)
-        last = torch.where(is_image, positions, -1).amax(dim=1) + 1
-        spans = []
-        for a, b in torch.stack([first, last], dim=1).tolist():  # one host sync for the batch (GPU)
-            if b == 0:
-                raise VITaskError("a sample has no <image> in its instruction: VITask needs one image per sample")
-            spans.append((a, b) if self.ep_mode == "rep" else (b, b))
-        return spans
+        return exemplar_spans(input_ids, self.model.img_context_token_id, self.ep_mode)
 
     # ---- the step -----------------------------------------------------------------------------
     def compute_losses(self, data):
@@ -158,8 +121,9 @@ class VITaskInternVL(InternVL2):
         plain, targets = self.response_logits(embeds, mask, positions, labels)
         terms = OrderedDict(loss_van=losses.vanilla_loss(plain, targets))
 
-        ep_embeds, ep_mask, ep_labels, ep_positions = splice_tokens(
-            embeds, mask, labels, self.exemplar_spans(input_ids), self.exemplar_tokens(data))
+        ep_embeds, ep_mask, ep_labels, ep_positions = splice_exemplars(
+            embeds, mask, self.exemplar_spans(input_ids), self.exemplar_tokens(data), labels=labels,
+            ignore_index=losses.IGNORE_INDEX)
         ep, _ = self.response_logits(ep_embeds, ep_mask, ep_positions, ep_labels)
         terms["loss_ep"] = losses.exemplar_prompting_loss(ep, targets)
         if self.use_rda:

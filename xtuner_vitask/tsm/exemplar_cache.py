@@ -16,12 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from xtuner_vitask.contract import read_jsonl
-from xtuner_vitask.datasets.classification import build_tsm_transform, load_rgb_image
-from xtuner_vitask.errors import VITaskError
-from xtuner_vitask.models.tsm import FEATURE_KINDS, TaskSpecificModel, tsm_checksum
-
-tsm_checksum_of = tsm_checksum  # the name VITaskDataset imports
+from ..contract import META_FILE, read_jsonl
+from ..ep.exemplar_tsm import FEATURE_KINDS, tsm_transform
+from ..errors import VITaskError
+from .dataset import load_rgb_image
+from .model import TaskSpecificModel
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -81,7 +80,7 @@ def build_exemplar_cache(tsm: TaskSpecificModel, sources, out_file: str, kind: s
     """Compute every record's exemplar with the frozen ``tsm`` and save the cache atomically.
 
     ``sources``: data folders (all their split JSONLs) or JSONL files. ``checksum`` defaults to the
-    ``sha256`` that :func:`load_tsm` attached. Returns a summary: n, seconds, images_per_s, shape.
+    ``sha256`` that :func:`xtuner_vitask.tsm.load_tsm` attached. Returns a summary: n, seconds, images_per_s, shape.
     """
     if kind not in FEATURE_KINDS:
         raise VITaskError(f"feature kind {kind!r}: use 'cls' (EP_cls) or 'all' (EP_all)")
@@ -91,7 +90,7 @@ def build_exemplar_cache(tsm: TaskSpecificModel, sources, out_file: str, kind: s
                           "or pass checksum=tsm_checksum(CKPT)")
     if batch_size < 1:
         raise VITaskError(f"batch_size must be at least 1, got {batch_size}")
-    transform = build_tsm_transform(tsm.img_size, tsm.mean, tsm.std, train=False)
+    transform = tsm_transform(tsm.img_size, tsm.mean, tsm.std)
     records = _ImageRecords(jsonl_files_of(sources), transform)
     if not len(records):
         raise VITaskError("the given data has no records to cache")
@@ -121,6 +120,27 @@ def build_exemplar_cache(tsm: TaskSpecificModel, sources, out_file: str, kind: s
             "shape": tuple(features.shape), "out_file": out_file}
 
 
+def cache_exemplars(tsm_checkpoint: str, sources, out_file: str, kind: str = "cls", config=None,
+                    device: str | None = None, batch_size: int = 64, num_workers: int = 0) -> dict:
+    """``xtuner-vitask cache-exemplars``: load the TSM (a glob picks the newest checkpoint), refuse data
+    folders of another label set, build the cache. Returns :func:`build_exemplar_cache`'s summary
+    plus the TSM's ``tsm_sha256``."""
+    from .checkpoint import check_tsm_matches_meta, load_tsm, resolve_checkpoint
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tsm = load_tsm(resolve_checkpoint(tsm_checkpoint), config=config, device=device)
+    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        src = str(src)  # a TSM of another data set would give meaningless exemplars
+        folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+        meta = os.path.join(folder, META_FILE)
+        if os.path.isfile(meta):
+            check_tsm_matches_meta(tsm, meta)
+        elif os.path.isdir(src):
+            raise VITaskError(f"{src} has no meta.json: pass a folder written by data_tools")
+    summary = build_exemplar_cache(tsm, sources, out_file, kind=kind, batch_size=batch_size, num_workers=num_workers)
+    return dict(summary, tsm_sha256=tsm.sha256)
+
+
 class ExemplarCache:
     """Exemplars by record id: ``cache[id] -> (D,) / (T, D)``, ``cache[[ids]] -> (B, D) / (B, T, D)``."""
 
@@ -131,7 +151,6 @@ class ExemplarCache:
         self.kind = data["feature_kind"]
         self.feature_dim = int(data["feature_dim"])
         self.tsm_sha256 = data["tsm_sha256"]
-        self.meta = {k: v for k, v in data.items() if k not in ("ids", "features")}
         self._row = {record_id: i for i, record_id in enumerate(self.ids)}
 
     @classmethod
@@ -168,9 +187,6 @@ class ExemplarCache:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def __contains__(self, record_id: str) -> bool:
-        return record_id in self._row
 
     def __getitem__(self, ids) -> torch.Tensor:
         if isinstance(ids, str):

@@ -1,10 +1,9 @@
 """Image-classification view of the JSONL data contract, for the task-specific model (TSM).
 
 The same JSONL + images + ``meta.json`` that the VLM trains on are read here without the
-instruction formatting: each record gives an image and its labels. One transform,
-:func:`build_tsm_transform`, turns an image into TSM pixels; VITask's dataset uses the same
-function for the TSM's pixels, so the TSM sees identical preprocessing in training, in the
-exemplar cache and inside VITask.
+instruction formatting: each record gives an image and its labels. Evaluation pixels come from
+``xtuner_vitask.ep.exemplar_tsm.tsm_transform`` (through :func:`build_tsm_transform`), the one TSM
+preprocessing that VITask's dataset, the exemplar cache, evaluation and the EP export use too.
 
 Labels stay local to the record's task (``label`` in the contract). A merged (multi-task) set
 keeps each record's ``task``; the model maps local labels into its joint label space using the
@@ -20,9 +19,10 @@ from mmengine.registry import DATASETS, FUNCTIONS
 from PIL import Image
 from torch.utils.data import Dataset
 
-from xtuner_vitask.contract import META_FILE, MULTI_LABEL, iter_jsonl, load_meta, problems_report, record_image, record_problems
-from xtuner_vitask.data.images import read_image
-from xtuner_vitask.errors import VITaskError
+from ..contract import META_FILE, MULTI_LABEL, iter_jsonl, load_meta, problems_report, record_image, record_problems
+from ..data.images import read_image
+from ..ep.exemplar_tsm import tsm_transform
+from ..errors import VITaskError
 
 # timm's ViT defaults (also the ImageNet-21k ViT-B/16's pretrained_cfg): mean = std = 0.5.
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -36,24 +36,21 @@ def load_rgb_image(path: str) -> Image.Image:
 
 def build_tsm_transform(img_size: int, mean: Sequence[float] = DEFAULT_MEAN,
                         std: Sequence[float] = DEFAULT_STD, train: bool = False):
-    """PIL RGB image -> normalized float CHW tensor of ``img_size`` x ``img_size``.
+    """PIL RGB image -> normalized float CHW tensor of ``img_size`` x ``img_size`` (timm's transforms).
 
-    Shared by TSM training, the exemplar cache and VITask's TSM pixels. Resizing is bicubic (timm's
-    ViT setting). ``train=True`` adds light augmentation: a mild random resized crop and a
-    horizontal flip.
+    ``train=False``: the TSM's one preprocessing (:func:`xtuner_vitask.ep.exemplar_tsm.tsm_transform`:
+    bicubic resize of the whole image, timm's ViT setting). ``train=True`` adds light augmentation
+    for TSM training: a mild random resized crop and a horizontal flip.
     """
-    from torchvision import transforms as T
+    if not train:
+        return tsm_transform(img_size, mean, std)
+    from timm.data import create_transform
 
     if int(img_size) <= 0:
         raise VITaskError(f"img_size must be a positive number of pixels, got {img_size}")
-    size = (int(img_size), int(img_size))
-    bicubic = T.InterpolationMode.BICUBIC
-    if train:
-        geometry = [T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=bicubic),
-                    T.RandomHorizontalFlip()]
-    else:
-        geometry = [T.Resize(size, interpolation=bicubic)]
-    return T.Compose(geometry + [T.ToTensor(), T.Normalize(list(mean), list(std))])
+    return create_transform(input_size=(3, int(img_size), int(img_size)), is_training=True, scale=(0.8, 1.0),
+                            ratio=(0.9, 1.1), hflip=0.5, color_jitter=None, interpolation="bicubic",
+                            mean=tuple(mean), std=tuple(std))
 
 
 def encode_label(label: Iterable[int], task_type: str, num_classes: int, record_id: str) -> torch.Tensor:
