@@ -52,6 +52,8 @@ VITASK_ROWS = {  # run -> extra --cfg-options of configs/vitask_tiny_cpu.py
                     "param_scheduler.1.eta_min_ratio=1.0"],
 }
 ABLATION = demo.FULL
+# every run of a seed, in the order they train ("tsm" is the TSM's own test score; "external" = Table 3)
+RUNS = ("tsm", "vanilla", *VITASK_ROWS, "vanilla_inc", "+both_inc", "external")
 
 
 def eval_on_test(data_dir, hook):
@@ -75,21 +77,23 @@ def hook_metrics(work_dir):
     return out
 
 
-def run_seed(seed, out, settings, cache, save, echo):
-    """Every run of one seed; results go into ``cache[str(seed)]``."""
+def run_seed(seed, out, settings, cache, save, echo, wanted=None):
+    """Every run of one seed (or those in ``wanted``); results go into ``cache[str(seed)]``."""
     done = cache.setdefault(str(seed), {})
     root = out / f"seed{seed}"
     quiet = None  # one line per run is enough
     size = dict(n_per_split=settings.n_per_split, seed=seed, style=settings.data_style)
     data = demo.make_data(root, settings.flag, **size)
-    data_inc = demo.make_data(root, settings.flag, instruction_variant="incomplete", **size)
-    data_ext = demo.make_data(root, settings.flag, domain="external", **size)
+    wanted = set(RUNS if wanted is None else wanted) | {"tsm"}  # every run needs the TSM
+    data_inc = demo.make_data(root, settings.flag, instruction_variant="incomplete", **size) if wanted & {
+        "vanilla_inc", "+both_inc"} else None
+    data_ext = demo.make_data(root, settings.flag, domain="external", **size) if "external" in wanted else None
     model_dir = demo.build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
     runs, logs = root / "runs", root / "logs"
 
     def timed(name, fn):
-        if name in done:
-            return done[name]
+        if name in done or name not in wanted:
+            return done.get(name)
         started = time.perf_counter()
         done[name] = fn()
         done[name]["seconds"] = round(time.perf_counter() - started, 1)
@@ -105,7 +109,7 @@ def run_seed(seed, out, settings, cache, save, echo):
             demo.train("tsm", work, demo.tsm_options(data_dir, settings.tsm_epochs, seed), name, logs, quiet)
         return demo.best_tsm_checkpoint(work)
 
-    tsm_ckpt, tsm_ext = tsm("tsm", data), tsm("tsm_external", data_ext)
+    tsm_ckpt = tsm("tsm", data)
     timed("tsm", lambda: {k: v for k, v in demo.tsm_test_metrics(tsm_ckpt, data).items() if k != "confusion_matrix"})
 
     def vitask(name, data_dir, extra, keep=False):
@@ -125,17 +129,18 @@ def run_seed(seed, out, settings, cache, save, echo):
             shutil.rmtree(work, ignore_errors=True)
         return result
 
-    timed("vanilla", lambda: vanilla("vanilla", data, keep=True))
+    timed("vanilla", lambda: vanilla("vanilla", data, keep="external" in wanted))
     for name, extra in VITASK_ROWS.items():
-        timed(name, lambda: vitask(name, data, extra, keep=name == "+both"))
+        timed(name, lambda: vitask(name, data, extra, keep=name == "+both" and "external" in wanted))
     timed("vanilla_inc", lambda: vanilla("vanilla_inc", data_inc))
     timed("+both_inc", lambda: vitask("+both_inc", data_inc, []))
-    timed("external", lambda: external(seed, root, settings, data, data_ext, tsm_ckpt, tsm_ext, model_dir, echo))
+    timed("external", lambda: external(seed, root, settings, data, data_ext, tsm_ckpt, tsm("tsm_external", data_ext),
+                                       model_dir, echo))
 
 
 def external(seed, root, settings, data, data_ext, tsm_ckpt, tsm_ext, model_dir, echo):
     """Table 3 on the external test split: TSM, vanilla, VITask w/ EP, VITask^plug (macro-F1 and accuracy)."""
-    from xtuner_vitask.cli.plug import plug_tsm
+    from xtuner_vitask.export.plug import plug_tsm
 
     runs, logs, exports = root / "runs", root / "logs", root / "exports"
     v_opts = demo.vitask_options(model_dir, data, tsm_ckpt, settings, seed)
@@ -377,12 +382,8 @@ def plot_grad_norms(cache, path, stage2_from):
 
 
 def stage2_start(settings):
-    """Index of the first stage-2 step: stage-1 epochs x steps per epoch (batch size of the tiny config)."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(str(demo.config_file("vitask")))
-    steps = -(-settings.n_per_split[0] // cfg.train_dataloader.batch_size)
-    return cfg.stage1_epochs * steps
+    """Index of the first stage-2 step of the tiny VITask config for these settings' training split."""
+    return demo.stage2_start(settings.n_per_split[0])
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -406,9 +407,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (smoke run)")
     parser.add_argument("--out", default="work_dirs/ablation",
                         help="working folder (seed<N>/runs.json cache finished runs: an interrupted run resumes)")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="comma-separated runs per seed (default: all; e.g. vanilla,+both for the main claim)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of the runs cached so far")
     args = parser.parse_args(argv)
     settings = demo.QUICK if args.quick else ABLATION
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     key = repr(settings)
@@ -424,7 +431,7 @@ def main(argv=None):
         def save(seed=seed):
             demo.write_json_atomic(out / f"seed{seed}" / "runs.json", {"_settings": key, **cache[str(seed)]})
 
-        run_seed(seed, out, settings, cache, save, lambda s: print(s, flush=True))
+        run_seed(seed, out, settings, cache, save, lambda s: print(s, flush=True), wanted=runs)
     cache = derived({k: v for k, v in cache.items() if v}, stage2_start(settings))
     print(f"\n{tables(cache)}\n")
     if cache:

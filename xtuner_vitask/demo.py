@@ -401,10 +401,22 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     answer = chat_once(vitask_hf, image, prompt)
     echo(f"image: {image}\nuser: {prompt}\nassistant: {answer}\n(true label: {sample['conversations'][1]['value']})")
 
+    step("Fig. 4: visual response ranking (own image vs another class's image), vanilla and VITask w/o EP")
+    ranking = response_ranking_pairs({"vanilla": (vanilla_hf, None), "VITask w/o EP": (vitask_hf, vitask_model)},
+                                     data_dir, settings.eval_batch_size, seed)
     pngs = write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work)
+    pngs.append(plot_ranking_panels(ranking, out / "fig4_response_ranking.png", f"generated {flag}"
+                                    if name == "generated" else flag))
+    pngs.append(plot_grad_norms({"VITask": scalars_of(vitask_work), "vanilla": scalars_of(vanilla_work)},
+                                out / "grad_norm.png", stage2_start(len(read_jsonl(Path(data_dir) / "train.jsonl"))),
+                                f"gradient norms before clipping, {name} {flag}"))
     result = {"rows": rows, "data": name, "wall_time_s": round(time.perf_counter() - started, 1),
               "flag": flag, "generated": name == "generated", "settings": asdict(settings), "seed": seed,
-              "chat": {"image": str(image), "prompt": prompt, "answer": answer}}
+              "chat": {"image": str(image), "prompt": prompt, "answer": answer},
+              "response_ranking": {k: {"positive_mean": float(p.mean()), "negative_mean": float(n.mean()),
+                                       "ranked_correctly": float((p > n).mean()), "n_pairs": len(p)}
+                                   for k, (p, n) in ranking.items()},
+              "protocol": PROTOCOL}
     results_path = write_json_atomic(out / "results.json", result)
     echo("\n" + results_table(rows, name))
     if name == "generated":
@@ -412,6 +424,84 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     echo(f"\nwall time {result['wall_time_s']:.0f} s\nresults: {results_path}\nfigures: "
          + ", ".join(str(p) for p in pngs) + f"\nexports: {vitask_hf}, {vanilla_hf}\nlogs: {logs}")
     return result
+
+
+PROTOCOL = ("fair: both recipes train with their tiny config's own schedule (same optimizer steps, data order, "
+            "lr, warm-up + cosine rule, LoRA), seed for weights and data order passed to both; selection: the last "
+            "step for both; scored on the test split by likelihood ranking of the label names")
+
+
+def stage2_start(n_train):
+    """Index of the first stage-2 optimizer step of the tiny VITask config for ``n_train`` training records."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config_file("vitask")))
+    return cfg.stage1_epochs * -(-n_train // cfg.train_dataloader.batch_size)
+
+
+def response_ranking_pairs(models, data_dir, batch_size=16, seed=0):
+    """Fig. 4's numbers for each export: {label: (positive, negative)} mean response-token probabilities of the
+    test records with their own image and with an image of another class (same draw for every model)."""
+    from .analysis.response_ranking import response_ranking
+    from .evaluation.evaluate import read_records
+    from .export.folder import inspect_export
+    from .inference.exports import data_meta, export_inputs, load_model
+
+    test = Path(data_dir) / "test.jsonl"
+    out = {}
+    for label, (folder, model) in models.items():
+        info = inspect_export(str(folder))
+        model = model or load_model(info, use_ep=False)
+        records = read_records(str(test), data_meta(info, str(test)))
+        out[label] = response_ranking(model, export_inputs(info, model, False), records, str(Path(data_dir)),
+                                      use_ep=False, batch_size=batch_size, seed=seed, progress=False)
+    return out
+
+
+def plot_ranking_panels(ranking, path, data_name):
+    """Fig. 4 for several models side by side: density of the mean response probability, own vs other image."""
+    import numpy as np
+
+    from .evaluation.plots import _pyplot, _save_atomic
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ranking), figsize=(5 * len(ranking), 3.8), sharey=True, squeeze=False)
+    try:
+        bins = np.linspace(0, 1, 31)
+        for ax, (label, (pos, neg)) in zip(axes[0], ranking.items()):
+            for values, kind, colour in ((pos, "positive (own image)", "tab:blue"),
+                                         (neg, "negative (other class's image)", "tab:red")):
+                ax.hist(values, bins=bins, density=True, alpha=0.45, color=colour,
+                        label=f"{kind}, mean {values.mean():.3f}")
+            ax.set(xlabel="mean probability of the response tokens", xlim=(0, 1),
+                   title=f"{label}: positive > negative in {100 * (pos > neg).mean():.0f}% of pairs")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("density")
+        fig.suptitle(f"Visual response ranking (paper Fig. 4), test split, {data_name}", fontsize=10)
+        fig.tight_layout()
+        return _save_atomic(fig, str(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_grad_norms(curves, path, stage2_from, title):
+    """Gradient norm before clipping per optimizer step, one line per run, the VITask stage switch marked."""
+    from .evaluation.plots import _pyplot, _save_atomic
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    try:
+        for name, records in curves.items():
+            rows = [r for r in records if "grad_norm" in r]
+            ax.plot(range(1, len(rows) + 1), [r["grad_norm"] for r in rows], lw=1, label=name)
+        ax.axvline(stage2_from + 0.5, color="k", ls="--", lw=0.8, label="VITask stage 1 -> 2 (CRT on)")
+        ax.set(xlabel="optimizer step", ylabel="gradient norm (clipped at 1 for the update)", yscale="log",
+               title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save_atomic(fig, str(path))
+    finally:
+        plt.close(fig)
 
 
 def write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work):
