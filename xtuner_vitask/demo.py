@@ -38,7 +38,7 @@ class DemoSettings:
     epochs of configs/vitask_tiny_cpu.py = the epochs of configs/internvl2_tiny_cpu_lora.py)."""
 
     flag: str = "octmnist"  # 4 classes, short label names: a tiny LLM learns them in minutes
-    n_per_split: tuple = (280, 70, 140)  # generated set: train, val, test images
+    n_per_split: tuple = (560, 70, 280)  # generated set: train, val, test images
     data_style: str = "shapes"  # medmnist_npz style: class = shape + region, partly visible to a frozen encoder
     pretrained: bool = True  # the tiny InternVL2 pretrained into a small generalist (make-tiny --pretrain)
     vlm_image_size: int = 64
@@ -47,7 +47,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, n_per_split=(64, 16, 32), tsm_epochs=4)  # a smoke run: same schedule, 8 steps an epoch
+QUICK = replace(FULL, n_per_split=(64, 16, 32), tsm_epochs=4, pretrained=False)  # smoke run: random tiny VLM
 
 
 # ----------------------------------------------------------------------------------------- data
