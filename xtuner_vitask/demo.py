@@ -6,10 +6,12 @@ exported folders and its chat session. By default the data set is *generated* (l
 synthetic images in the exact MedMNIST npz layout, labelled as generated in meta.json, in the
 PNGs' titles and in results.json); ``flag=..., download=True`` runs a real MedMNIST set instead.
 
-The VLM is the tiny random-weight InternVL2 of :mod:`xtuner_vitask.testing`: its frozen vision
-encoder is "not specialised for the task" (the paper's premise), so it can only learn label
-names from the instruction and whatever its random image features carry, while the TSM learns
-the images. Settings are chosen so that the whole run fits a 2-core CPU in minutes.
+The VLM is the tiny InternVL2 of :mod:`xtuner_vitask.testing` (InternLM2 LLM, InternVL2-2B's layout),
+first pretrained offline into a small generalist on captioned coloured shapes
+(:mod:`xtuner_vitask.testing.pretrain`, cached): a pretrained but unspecialised VLM, the paper's
+premise. Its vision encoder stays frozen; the generated task's classes differ in shape, region,
+texture and brightness, which such an encoder reads only partly, while the TSM learns the images.
+Both recipes run with their tiny config's own schedule (README "Fair protocol").
 """
 import json
 import os
@@ -358,7 +360,8 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     echo(f"{data_dir}: {len(meta['label_names'])} classes {meta['label_names']}, {counts}"
          + (" -- GENERATED images, not real MedMNIST" if name == "generated" else ""))
 
-    step("tiny InternVL2 (random weights, frozen vision encoder)")
+    step("tiny InternVL2 (InternLM2 LLM): " + ("pretrained into a small generalist on captioned shapes, cached"
+                                              if settings.pretrained else "random weights (--quick)"))
     model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
 
     step("TSM: tiny ViT classifier trained on the task")
