@@ -44,9 +44,10 @@ train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.j
 train_dataloader.sampler.update(seed=data_seed)  # noqa: F405
 model.update(alpha=1.0, beta=1.0)  # noqa: F405
 
-optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=lr, weight_decay=0.0),  # noqa: F405
-                     clip_grad=dict(max_norm=1.0),
-                     paramwise_cfg=dict(custom_keys={"connector": dict(lr_mult=connector_lr_mult)}))
+# the connector in its own optimizer group (stage 2 pins it to lr 0), starting at connector_lr_mult x lr
+optim_wrapper = dict(type=OptimWrapper, clip_grad=dict(max_norm=1.0),
+                     optimizer=dict(type=optimizer_with_param_groups, optimizer_type=AdamW,  # noqa: F405
+                                    lr=lr, weight_decay=0.0, lr_mult={"connector": connector_lr_mult}))
 param_scheduler = [
     dict(type=WholeIterLinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
          convert_to_iter_based=True),

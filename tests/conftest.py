@@ -40,6 +40,8 @@ def run_train(config, work_dir, *cfg_options, deepspeed=None, resume=None, timeo
         cmd += ["--cfg-options", *cfg_options]
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    # DeepSpeed compiles a small C++ op on first use; a folder per venv, because venvs sharing ~/.cache rebuild it
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train tool failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

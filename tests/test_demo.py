@@ -69,6 +69,20 @@ def test_tiny_configs_share_one_schedule():
         {k: n.model.llm_lora[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")}
 
 
+def test_connector_group_starts_at_its_lr_mult():
+    import torch
+
+    from xtuner_vitask.engine.param_groups import optimizer_with_param_groups, tag_param_group
+
+    model = torch.nn.ModuleDict({"llm": torch.nn.Linear(2, 2), "connector": torch.nn.Linear(2, 2)})
+    tag_param_group(model["connector"], "connector")
+    opt = optimizer_with_param_groups(model.parameters(), lr=2e-3, weight_decay=0.0, lr_mult={"connector": 10.0})
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-2])
+    assert opt.param_groups[1]["name"] == "connector" and len(opt.param_groups[1]["params"]) == 2
+    plain = optimizer_with_param_groups(model.parameters(), lr=2e-3)
+    assert [g["lr"] for g in plain.param_groups] == pytest.approx([2e-3, 2e-3])
+
+
 def test_stage2_start_counts_stage1_steps():
     from mmengine.config import Config
 

@@ -196,7 +196,8 @@ def rows_of(logits, labels):
 def test_exported_ep_logits_equal_the_training_wrappers(request, tmp_path, random_tsm_checkpoint, llm, ep_mode):
     """Same image, same prompt: the export's EP and plain logits are the training wrapper's (stated tolerance),
     through AutoModel, through generate (left-padded splice, KV cache) and through load_export_model (eval)."""
-    from xtuner_vitask.export import export_to_hf, inspect_export, load_export_model
+    from xtuner_vitask.export import export_to_hf, inspect_export
+    from xtuner_vitask.inference.exports import load_export_model
 
     # InternLM2 (InternVL2-2B's LLM: remote code, eager, tuple KV caches), Qwen2 (InternVL2-1B's: SDPA, Cache objects)
     tiny = request.getfixturevalue("tiny_model" if llm == "internlm2" else "tiny_model_qwen2")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from xtuner_vitask.errors import VITaskError
-from xtuner_vitask.evaluation.metrics import classification_metrics
+from xtuner_vitask.metrics import classification_metrics
 from xtuner_vitask.tsm.metric import ClassificationMetric
 from xtuner_vitask.evaluation.plots import plot_confusion_matrix, plot_loss_curves
 

@@ -1,7 +1,7 @@
 """End-to-end runs of XTuner's real train tool on the tiny models (CPU), configs as shipped (paths only through
 --cfg-options): on InternVL2's InternLM2 code the vanilla recipe, VITask through both stages with its eval hook,
 resume in stage 2, and training from an exemplar cache written by `xtuner-vitask cache-exemplars`; the vanilla
-recipe on Phi3 and DeepSpeed ZeRO-2 on Qwen2."""
+recipe on Phi3 and DeepSpeed ZeRO-3 on one process on Qwen2 (ZeRO-2/3 on 2 processes: test_distributed.py)."""
 import glob
 import json
 import os
@@ -88,7 +88,7 @@ def test_connector_is_frozen_in_stage2(vitask_run, tmp_path, tiny_model, derma_d
 def test_vitask_from_an_exemplar_cache_written_by_the_cli(tmp_path, tiny_model, derma_data, tiny_tsm):
     """README's workflow: `xtuner-vitask cache-exemplars`, then training with model.tsm=None (no TSM runs)."""
     from xtuner_vitask.cli.main import main
-    from xtuner_vitask.models.exemplar_cache import ExemplarCache
+    from xtuner_vitask.tsm.exemplar_cache import ExemplarCache
 
     cache = tmp_path / "exemplars_cls.pt"
     assert main(["cache-exemplars", "--tsm", tiny_tsm, "--data", derma_data, "--out", str(cache), "--kind", "cls"]) == 0
@@ -104,11 +104,12 @@ def test_vitask_from_an_exemplar_cache_written_by_the_cli(tmp_path, tiny_model, 
     assert any(".output.modules_to_save." in k for k in state)  # InternLM2's head trained ("auto")
 
 
-def test_vitask_under_deepspeed_zero2_on_cpu(tmp_path, tiny_model_qwen2, derma_data, tiny_tsm):
-    """On Qwen2 (InternVL2-1B's LLM: transformers' class, SDPA, lm_head)."""
+def test_vitask_under_deepspeed_zero3_on_one_process(tmp_path, tiny_model_qwen2, derma_data, tiny_tsm):
+    """On Qwen2 (InternVL2-1B's LLM: transformers' class, SDPA, lm_head); ZeRO-2 and ZeRO-3 on 2 processes:
+    tests/test_distributed.py."""
     proc = run_train("configs/vitask_tiny_cpu.py", tmp_path,
                      *vitask_options(tiny_model_qwen2, derma_data, tiny_tsm, "custom_hooks.1.interval=1000"),
-                     deepspeed="configs/deepspeed/zero2_cpu.json")
+                     deepspeed="configs/deepspeed/zero3_cpu.json")
     log = proc.stdout + proc.stderr
     assert "VITask stage 2 from iteration 12" in log and "loss_crt" in log
     assert os.path.exists(tmp_path / "iter_24.pth")

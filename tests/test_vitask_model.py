@@ -136,12 +136,12 @@ def test_collate_encodes_a_negative_drawn_twice_once(tiny_model, derma_data):
     ds = dataset(tiny_model, derma_data)
     same = [i for i in range(len(ds)) if ds.response_key[i] == ds.response_key[0]][:3]
     items = [ds[i] for i in same]  # one response: no in-batch negative, each brings its drawn one
-    items[1]["neg_id"], items[1]["neg_pixel_values"] = items[0]["neg_id"], items[0]["neg_pixel_values"]
+    items[1]["neg_id"], items[1]["negative"] = items[0]["neg_id"], items[0]["negative"]
     data = vitask_collate_fn(items)["data"]
     index = data["neg_image_index"].tolist()
     assert index[0] == index[1] >= len(items) and index[2] >= len(items)
     assert len(data["neg_pixel_values"]) == len({item["neg_id"] for item in items})
-    assert torch.equal(data["neg_pixel_values"][index[2] - len(items)], items[2]["neg_pixel_values"][0])
+    assert torch.equal(data["neg_pixel_values"][index[2] - len(items)], items[2]["negative"].pixel_values()[0])
 
 
 def test_checkpoint_globs_pick_the_newest_match(tmp_path):

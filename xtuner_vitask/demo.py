@@ -242,7 +242,7 @@ def tsm_test_metrics(checkpoint, data_dir, split="test", batch_size=64):
     import torch
 
     from .tsm.dataset import ImageClassificationDataset, tsm_collate
-    from .evaluation.metrics import classification_metrics
+    from .metrics import classification_metrics
     from .tsm.checkpoint import load_tsm
 
     tsm = load_tsm(str(checkpoint)).eval()
@@ -384,7 +384,8 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
 
     step("evaluate on the test split (likelihood ranking of the label names)")
     evals = out / "eval"
-    from .export.folder import inspect_export, load_export_model
+    from .export.folder import inspect_export
+    from .inference.exports import load_export_model
 
     vitask_model = load_export_model(inspect_export(str(vitask_hf), need_ep=True), use_ep=True)  # loaded once
     reports = {"vanilla": evaluate(vanilla_hf, data_dir, False, evals / "vanilla", batch_size=settings.eval_batch_size),

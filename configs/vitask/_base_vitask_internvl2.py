@@ -17,7 +17,8 @@ from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
 
 from xtuner_vitask.datasets import VITaskDataset, vitask_collate_fn
-from xtuner_vitask.engine import WholeIterCosineAnnealingLR, WholeIterLinearLR, amp_optim_wrapper
+from xtuner_vitask.engine import (WholeIterCosineAnnealingLR, WholeIterLinearLR, amp_optim_wrapper,
+                                  optimizer_with_param_groups)
 from xtuner_vitask.hooks import VITaskEvalHook, VITaskStageHook
 from xtuner_vitask.models import VITaskInternVL
 
@@ -94,8 +95,9 @@ model = dict(
 train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
+    # negatives="stage2": CRT negative images are loaded for stage-2 batches only (VITaskStageHook switches them)
     dataset=dict(type=VITaskDataset, model_path=path, data_paths=data_root + "train.jsonl",
-                 tsm_checkpoint=tsm_checkpoint, max_length=4096, seed=0),
+                 tsm_checkpoint=tsm_checkpoint, max_length=4096, seed=0, negatives="stage2"),
     sampler=dict(type=DefaultSampler, shuffle=True),
     collate_fn=dict(type=vitask_collate_fn),
 )
@@ -107,7 +109,10 @@ train_dataloader = dict(
 optim_wrapper = dict(
     type=amp_optim_wrapper,
     dtype="bfloat16",
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    # the connector in an optimizer group of its own, which stage 2 pins to lr = weight_decay = 0 (VITaskStageHook):
+    # under DeepSpeed that is what keeps it frozen; XTuner's --deepspeed keeps this dict
+    optimizer=dict(type=optimizer_with_param_groups, optimizer_type=AdamW, lr=lr, betas=betas,
+                   weight_decay=weight_decay),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
 )

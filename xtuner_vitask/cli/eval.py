@@ -23,6 +23,10 @@ def add_arguments(parser):
                         help="output folder for eval.json and confusion_matrix.png "
                              "(default: eval_results/<model>/<data>_<mode>_<ep|no-ep>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    llava = parser.add_argument_group("LLaVA exports (XTuner's layout: projector/, llm_adapter/; rank mode)")
+    llava.add_argument("--llm", default=None, help="the LLM folder the LLaVA model was trained from")
+    llava.add_argument("--visual-encoder", default=None, help="its CLIP vision tower folder")
+    llava.add_argument("--prompt-template", default="internlm2_chat", help="XTuner PROMPT_TEMPLATE name")
     add_attention_argument(parser)
 
 
@@ -66,7 +70,17 @@ def run(args):
     check_data_file(args.data)
     from ..evaluation.evaluate import summary_lines, write_report
     from ..inference.exports import evaluate_export
+    from ..inference.llava import evaluate_llava_export, is_llava_export
 
+    if is_llava_export(args.model_dir):
+        report = evaluate_llava_export(args.model_dir, args.data, args.llm, args.visual_encoder, use_ep=args.use_ep,
+                                       mode=args.mode, batch_size=args.batch_size, max_samples=args.max_samples,
+                                       progress=not args.no_progress, verbose=getattr(args, "verbose", False),
+                                       attn_implementation=args.attn_implementation, template=args.prompt_template)
+        out = args.out or default_out_dir(args.model_dir, args.data, args.mode, report["use_ep"])
+        print("\n".join(summary_lines(report)))
+        print("wrote " + ", ".join(write_report(report, out)))
+        return 0
     report = evaluate_export(args.model_dir, args.data, use_ep=args.use_ep, mode=args.mode, batch_size=args.batch_size,
                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
                              progress=not args.no_progress, verbose=getattr(args, "verbose", False),

@@ -29,13 +29,20 @@ def add_arguments(parser):
                         help="then pretrain the tiny model (ViT, mlp1, LLM) into a small generalist on a generated "
                              "corpus of captioned coloured shapes, offline (a few CPU minutes; reused when OUT_DIR "
                              "already holds one made the same way); the demo's VLM")
+    parser.add_argument("--llava", action="store_true",
+                        help="a tiny LLaVA in XTuner's LLaVA recipes' layout instead: OUT_DIR/llm (InternLM2-chat "
+                             "style), OUT_DIR/visual_encoder (CLIP), OUT_DIR/projector_pretrain.pth (56 px, patch 14)")
 
 
 def run(args):
     from xtuner_vitask.testing.tiny_internvl import build_internvl2_preset, build_tiny_internvl, folder_size_mb
 
     start = time.perf_counter()
-    if args.preset:  # raises VITaskError for bad input; main prints it
+    if args.llava:
+        from xtuner_vitask.testing.tiny_llava import build_tiny_llava
+
+        folder, what = build_tiny_llava(args.out_dir, seed=args.seed, force=args.force), "llava"
+    elif args.preset:  # raises VITaskError for bad input; main prints it
         folder = build_internvl2_preset(args.out_dir, preset=args.preset, seed=args.seed, force=args.force,
                                         max_shard_size=args.max_shard_size)
         what = args.preset

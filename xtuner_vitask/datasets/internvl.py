@@ -27,7 +27,7 @@ from xtuner.dataset.internvl_dataset import total_image_token
 from ..contract import iter_jsonl, load_meta, meta_beside, problems_report, record_image, record_problems
 from ..data.images import probe_images, read_image
 from ..errors import VITaskError, install_excepthook
-from ..models.internvl import load_internvl_config
+from ..internvl_config import load_internvl_config
 from .templates import chat_template
 
 install_excepthook()  # XTuner's train tool: a bad data set is one "error:" message, not a traceback

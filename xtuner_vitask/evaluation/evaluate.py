@@ -145,7 +145,7 @@ def _scored_as_wrong(truth, task_type, n):
 
 
 def _metrics(truths, preds, task_type, n, scores=None):
-    from .metrics import classification_metrics
+    from ..metrics import classification_metrics
 
     report = classification_metrics(_label_array(truths, task_type, n), _label_array(preds, task_type, n),
                                     task_type, n, scores=scores)

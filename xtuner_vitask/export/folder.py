@@ -1,5 +1,5 @@
 """Export folders: what is in one (:func:`inspect_export`), one clear error when something is
-missing, and loading one into the project's wrappers for evaluation (:func:`load_export_model`)."""
+missing (loading one into the project's wrappers: :func:`xtuner_vitask.inference.exports.load_export_model`)."""
 import json
 import os
 from dataclasses import dataclass, field
@@ -116,29 +116,3 @@ def read_task_meta(info, data_meta_path=None):
                 raise VITaskError(f"the data's {key} differ from the model's training meta.json ({diff}): "
                                   f"evaluate on data converted for this model's label set ({data_meta_path})")
     return model_meta if model_meta is not None else data_meta
-
-
-def load_export_model(info, use_ep=False, torch_dtype="auto", attn_implementation="auto"):
-    """The export as the project's wrapper: ``InternVL2`` (plain) or ``VITaskInternVL`` with the
-    export's connector and TSM (``use_ep``), frozen, in eval mode. Both sides run the same EP code
-    (the export carries a verbatim copy of ``xtuner_vitask/ep``); tests/test_export.py checks their
-    logits agree."""
-    from ..models.internvl import InternVL2
-
-    common = dict(freeze_llm=True, freeze_visual_encoder=True, llm_lora=None, attn_implementation=attn_implementation,
-                  torch_dtype=torch_dtype, activation_checkpointing=False)
-    if not use_ep:
-        model = InternVL2(info.path, freeze_mlp1=True, **common)
-        return model.eval()
-    from ..models.vitask import VITaskInternVL
-
-    vitask = info.vitask
-    model = VITaskInternVL(info.path, tsm=None, exemplar_dim=int(vitask["exemplar_dim"]), ep_mode=vitask["ep_mode"],
-                           **common)
-    inner = model.model  # the export's own VITaskInternVLChatModel, TSM attached by its from_pretrained
-    model.connector.load_state_dict(inner.connector.state_dict())
-    model.connector.to(inner.connector.proj[1].weight.dtype)
-    model.tsm = inner.tsm
-    model.set_stage(2)  # connector frozen
-    model.requires_grad_(False)
-    return model.eval()

@@ -82,7 +82,7 @@ def merged_base_model(model):
     from peft import PeftModel
     from transformers import AutoModel
 
-    from ..models.internvl import load_internvl_config
+    from ..internvl_config import load_internvl_config
 
     config = load_internvl_config(model.model_path)
     fresh = AutoModel.from_pretrained(model.model_path, config=config, torch_dtype=torch.float32,

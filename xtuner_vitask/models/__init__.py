@@ -1,4 +1,4 @@
-"""Models: the InternVL2 wrapper, VITask on top of it, losses. (The TSM is in ``xtuner_vitask.tsm``,
+"""Models: the InternVL2 and LLaVA wrappers, VITask on top of both, losses. (The TSM is in ``xtuner_vitask.tsm``,
 exemplar prompting in ``xtuner_vitask.ep``.)
 
 Exports resolve lazily: importing this package does not pay for XTuner and transformers.
@@ -14,7 +14,8 @@ from ..errors import install_excepthook
 allow_training_state_loads()
 install_excepthook()
 
-_EXPORTS = {"InternVL2": ".internvl", "VITaskInternVL": ".vitask"}
+_EXPORTS = {"InternVL2": ".internvl", "VITaskInternVL": ".vitask", "VITask": ".vitask", "LLaVA": ".llava",
+            "VITaskLLaVA": ".llava"}
 __all__ = list(_EXPORTS)
 
 

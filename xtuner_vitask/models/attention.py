@@ -146,7 +146,7 @@ def load_kwargs(config, model_path, implementation):
 def prepare_attention(model_path, requested="auto", config=None):
     """For loaders: (config with the switches set, resolved implementation, from_pretrained keywords)."""
     if config is None:
-        from .internvl import load_internvl_config
+        from ..internvl_config import load_internvl_config
 
         config = load_internvl_config(model_path)
     implementation = resolve_attn_implementation(requested, config, model_path)

@@ -14,19 +14,19 @@ Only what blocks those differs from XTuner:
 """
 import contextlib
 import copy
-import os
 
 import torch
 import xtuner.model.internvl as xtuner_internvl
 from mmengine.config import ConfigDict
-from transformers import AutoConfig
 from xtuner.model import InternVL_V1_5
 
 from ..errors import VITaskError
+from ..internvl_config import load_internvl_config  # noqa: F401 (re-exported)
 from . import losses
 from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (re-exported)
                         resolve_attn_implementation)
 from .lora import resolve_lora_config
+from .zero3_cpu import make_cpu_all_gathers_complete
 
 
 class ConfigMismatchError(VITaskError, AttributeError):
@@ -45,25 +45,6 @@ def resolve_dtype(name):
         raise VITaskError(f"torch_dtype={name!r}: use 'auto', 'bfloat16', 'float16' or 'float32'") from None
 
 
-def load_internvl_config(model_path):
-    """The checkpoint's InternVLChatConfig, or one clear error for a missing or non-InternVL folder."""
-    try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        if not os.path.exists(model_path):
-            raise VITaskError(
-                f"model {model_path} is not a local folder and could not be fetched: download the InternVL2 "
-                "checkpoint (huggingface-cli download OpenGVLab/InternVL2-2B --local-dir ...) and pass its folder"
-            ) from None
-        raise VITaskError(f"cannot read an InternVL2 config from {model_path}: {str(err).splitlines()[0]}") from None
-    if not (hasattr(config, "llm_config") and hasattr(config, "vision_config")):
-        raise VITaskError(
-            f"{model_path} is not an InternVL2 checkpoint (model_type={getattr(config, 'model_type', '?')!r}, "
-            "no llm_config/vision_config): pass an InternVL2 folder"
-        )
-    return config
-
-
 @contextlib.contextmanager
 def _load_overrides(model_path, attn_implementation, torch_dtype):
     """While XTuner's __init__ runs, let its AutoModel.from_pretrained use our attention and dtype.
@@ -80,6 +61,7 @@ def _load_overrides(model_path, attn_implementation, torch_dtype):
             apply_attn_implementation(config, attn_implementation)
             kwargs.update(load_kwargs(config, model_path, attn_implementation))
             kwargs["torch_dtype"] = torch_dtype
+            make_cpu_all_gathers_complete()  # ZeRO-3 on CPU: no parameter used half-gathered (zero3_cpu.py)
             return real_auto_model.from_pretrained(path, *args, config=config, **kwargs)
 
     xtuner_internvl.AutoModel = _AutoModel
@@ -105,6 +87,9 @@ class InternVL2(InternVL_V1_5):
         self.attn_implementation = resolve_attn_implementation(attn_implementation, config, model_path)
         if isinstance(llm_lora, dict) and not isinstance(llm_lora, ConfigDict):
             llm_lora = ConfigDict(llm_lora)
+        # New weights (LoRA, VITask's connector) start from the run's seed, whatever the runner drew before:
+        # mmengine's DeepSpeed runner builds the model after the dataloaders, its plain runner right after seeding.
+        torch.manual_seed(torch.initial_seed())
         with _load_overrides(model_path, self.attn_implementation, resolve_dtype(torch_dtype)):
             super().__init__(model_path, llm_lora=llm_lora, **kwargs)
         self.model_path = model_path

@@ -9,7 +9,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.registry import METRICS
 
 from ..errors import VITaskError
-from ..evaluation.metrics import classification_metrics
+from ..metrics import classification_metrics
 
 
 @METRICS.register_module()

@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
                              roc_auc_score)
 
-from xtuner_vitask.contract import MULTI_LABEL, SINGLE_LABEL_TYPES
-from xtuner_vitask.errors import VITaskError
+from .contract import MULTI_LABEL, SINGLE_LABEL_TYPES
+from .errors import VITaskError
 
 
 def _mean_auc(truth_columns: np.ndarray, score_columns: np.ndarray) -> float:
