@@ -5,7 +5,7 @@
 #     train_dataloader.dataset.data_paths=D/train.jsonl model.tsm.meta=D/meta.json \
 #     model.tsm.checkpoint=TSM.pth train_dataloader.dataset.tsm_checkpoint=TSM.pth
 from mmengine.config import read_base
-from mmengine.optim import OptimWrapper
+from mmengine.optim import ConstantLR, OptimWrapper
 
 with read_base():
     from .vitask._base_vitask_internvl2 import *  # noqa: F401,F403
@@ -14,16 +14,6 @@ path = "work_dirs/tiny_internvl2"
 data_root = "data/tiny/"
 tsm_checkpoint = "work_dirs/tsm_tiny_cpu/best_macro_f1_epoch_*.pth"
 lora_targets = "auto"  # InternVL's own LoRA targets for the checkpoint's LLM (InternLM2: attention.wqkv, ...)
-
-# Schedule: the demo and benchmarks/ablation.py use exactly this. The vanilla recipe
-# (configs/internvl2_tiny_cpu_lora.py) has the same steps, data order, lr and schedule rule.
-stage1_epochs = 5  # the tiny LLM reads the new exemplar token only after a few epochs of this size
-stage2_epochs = 1
-max_epochs = stage1_epochs + stage2_epochs
-lr = 2e-3
-warmup_ratio = 0.03  # linear warm-up, then cosine to 0 over both stages: no restart at the switch
-connector_lr_mult = 10.0  # the exemplar connector starts from scratch; the LLM only gets LoRA updates
-data_seed = 0  # order of the training samples (same in both recipes)
 
 model.update(  # noqa: F405
     model_path=path,
@@ -41,22 +31,12 @@ train_dataloader.update(batch_size=8, num_workers=0)  # noqa: F405
 train_dataloader.dataset.update(model_path=path, data_paths=data_root + "train.jsonl", tsm_checkpoint=tsm_checkpoint,  # noqa: F405
                                 max_length=512)
 
-train_dataloader.sampler.update(seed=data_seed)  # noqa: F405
-model.update(alpha=1.0, beta=1.0)  # noqa: F405
-
-# the connector in its own optimizer group (stage 2 pins it to lr 0), starting at connector_lr_mult x lr
 optim_wrapper = dict(type=OptimWrapper, clip_grad=dict(max_norm=1.0),
                      optimizer=dict(type=optimizer_with_param_groups, optimizer_type=AdamW,  # noqa: F405
-                                    lr=lr, weight_decay=0.0, lr_mult={"connector": connector_lr_mult}))
-param_scheduler = [
-    dict(type=WholeIterLinearLR, start_factor=0.01, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
-         convert_to_iter_based=True),
-    dict(type=WholeIterCosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
-         convert_to_iter_based=True),
-]
-train_cfg.update(max_epochs=max_epochs)  # noqa: F405
+                                    lr=2e-3, weight_decay=0.0))
+param_scheduler = [dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=0)]
 custom_hooks = [
-    dict(type=VITaskStageHook, switch_epoch=stage1_epochs),  # noqa: F405
+    dict(type=VITaskStageHook, switch_epoch=1),  # noqa: F405
     dict(type=VITaskEvalHook, interval=1000, max_samples=32, batch_size=16),  # noqa: F405
 ]
 default_hooks.logger.update(interval=1)  # noqa: F405

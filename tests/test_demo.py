@@ -57,7 +57,7 @@ def test_tiny_configs_share_one_schedule():
 
     v = Config.fromfile(str(demo.config_file("vitask")))
     n = Config.fromfile(str(demo.config_file("vanilla")))
-    assert demo.config_file("vitask") == config_path("vitask_tiny_cpu")  # shipped in the package, wheel or not
+    assert demo.config_file("vitask") == config_path("vitask_tiny_demo")  # shipped in the package, wheel or not
     assert v.train_cfg.max_epochs == n.train_cfg.max_epochs == v.stage1_epochs + v.stage2_epochs
     assert v.train_dataloader.batch_size == n.train_dataloader.batch_size
     assert v.train_dataloader.sampler.seed == n.train_dataloader.sampler.seed

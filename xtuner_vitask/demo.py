@@ -28,7 +28,7 @@ from pathlib import Path
 from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
-CONFIGS = {"tsm": "tsm_tiny_cpu", "vitask": "vitask_tiny_cpu", "vanilla": "internvl2_tiny_cpu_lora"}
+CONFIGS = {"tsm": "tsm_tiny_cpu", "vitask": "vitask_tiny_demo", "vanilla": "internvl2_tiny_demo_lora"}
 TINY_LLM = "internlm2"  # the LLM class of the tiny InternVL2 (InternVL2-2B/8B's LLM)
 ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
              "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
