@@ -5,8 +5,8 @@
     python benchmarks/ablation.py --seeds 3 --report-only   # tables, claims and PNGs of everything cached
     python benchmarks/ablation.py --seeds 1 --quick         # smoke run (the demo's --quick sizes)
 
-The protocol (README "Fair protocol"): every VLM run is XTuner's train tool on configs/vitask_tiny_cpu.py
-or configs/internvl2_tiny_cpu_lora.py with the configs' own schedule -- the same optimizer steps, data
+The protocol (README "Fair protocol"): every VLM run is XTuner's train tool on configs/vitask_tiny_demo.py
+or configs/internvl2_tiny_demo_lora.py with the configs' own schedule -- the same optimizer steps, data
 order, learning rate, warm-up + cosine rule and LoRA for both recipes -- and only data, model and seed
 passed in. Selection: the last step, for every run (no checkpoint is picked on any split). Each run ends
 with the project's eval hook scoring the *test* split by likelihood ranking of the label names, with and
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xtuner_vitask import demo  # noqa: E402
 
-VITASK_ROWS = {  # run -> extra --cfg-options of configs/vitask_tiny_cpu.py
+VITASK_ROWS = {  # run -> extra --cfg-options of configs/vitask_tiny_demo.py
     "base": ["model.use_rda=False", "model.use_crt=False"],
     "+RDA": ["model.use_crt=False"],
     "+CRT": ["model.use_rda=False"],

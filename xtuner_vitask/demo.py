@@ -11,7 +11,7 @@ first pretrained offline into a small generalist on captioned coloured shapes
 (:mod:`xtuner_vitask.testing.pretrain`, cached): a pretrained but unspecialised VLM, the paper's
 premise. Its vision encoder stays frozen; the generated task's classes differ in shape, region,
 texture and brightness, which such an encoder reads only partly, while the TSM learns the images.
-Both recipes run with their tiny config's own schedule (README "Fair protocol").
+Both recipes run with the schedule of their demo config (configs/*_tiny_demo*.py; README "Fair protocol").
 """
 import json
 import os
@@ -37,7 +37,7 @@ ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep"
 @dataclass(frozen=True)
 class DemoSettings:
     """Data, model and TSM of one demo run. The VLM schedule is the tiny configs' own (stage 1 + stage 2
-    epochs of configs/vitask_tiny_cpu.py = the epochs of configs/internvl2_tiny_cpu_lora.py)."""
+    epochs of configs/vitask_tiny_demo.py = the epochs of configs/internvl2_tiny_demo_lora.py)."""
 
     flag: str = "octmnist"  # 4 classes, short label names: a tiny LLM learns them in minutes
     n_per_split: tuple = (560, 70, 280)  # generated set: train, val, test images
@@ -222,7 +222,7 @@ def vlm_options(model_dir, data_dir, seed=0, eval_batch_size=16):
 
 
 def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, extra=()):
-    """--cfg-options for configs/vitask_tiny_cpu.py (hooks: 0 = stage switch, 1 = eval)."""
+    """--cfg-options for configs/vitask_tiny_demo.py (hooks: 0 = stage switch, 1 = eval)."""
     opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + [f"model.tsm.meta={Path(data_dir) / 'meta.json'}", f"model.tsm.checkpoint={tsm_checkpoint}",
                    f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}", "custom_hooks.1.interval=100000",
@@ -230,7 +230,7 @@ def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, e
 
 
 def vanilla_options(model_dir, data_dir, settings=FULL, seed=0, extra=()):
-    """--cfg-options for configs/internvl2_tiny_cpu_lora.py (hook 0 = eval)."""
+    """--cfg-options for configs/internvl2_tiny_demo_lora.py (hook 0 = eval)."""
     opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + ["custom_hooks.0.interval=100000", *extra]
 
