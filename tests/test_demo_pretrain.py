@@ -41,3 +41,14 @@ def test_pretrained_tiny_trains_every_part_and_is_cached(tmp_path):
     twin = build_pretrained_tiny(tmp_path / "twin", SMALL, progress=False, echo=None, llm="internlm2")
     twin_weights = load_file(str(twin / "model.safetensors"))
     assert all(torch.equal(after[k], twin_weights[k]) for k in after)  # seeded: same weights
+
+
+def test_make_tiny_pretrain_refuses_a_foreign_folder(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "xtuner_vitask.cli.main", "make-tiny", str(tmp_path), "--pretrain"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a pretrained tiny model" in proc.stderr
+    assert "Traceback" not in proc.stderr and (tmp_path / "mine.txt").read_text() == "keep me"
