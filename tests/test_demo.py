@@ -42,11 +42,68 @@ def test_options_point_both_recipes_at_the_same_files(tmp_path):
     n = demo.vanilla_options("M", tmp_path, s, seed=3)
     train_file = f"train_dataloader.dataset.data_paths={tmp_path / 'train.jsonl'}"
     assert train_file in v and train_file in n
-    assert f"train_cfg.max_epochs={s.stage1_epochs + s.stage2_epochs}" in v
-    assert f"train_cfg.max_epochs={s.vanilla_epochs}" in n and s.vanilla_epochs == s.vitask_epochs
-    assert f"custom_hooks.0.switch_epoch={s.stage1_epochs}" in v and "custom_hooks.1.batch_size=16" in v
-    assert "custom_hooks.0.batch_size=16" in n and "randomness.seed=3" in n
-    assert any("connector.lr_mult" in o for o in v)
+    for same in ("randomness.seed=3", "train_dataloader.sampler.seed=3", "model.model_path=M"):
+        assert same in v and same in n
+    # the schedule is the configs' own: the demo passes none of it
+    for opt in v + n:
+        assert not opt.startswith(("train_cfg", "param_scheduler", "optim_wrapper", "custom_hooks.0.switch_epoch"))
+
+
+def test_tiny_configs_share_one_schedule():
+    """Fair protocol: the two tiny recipes have the same steps, batch, data order, lr and schedule rule."""
+    from mmengine.config import Config
+
+    from xtuner_vitask.config_files import config_path
+
+    v = Config.fromfile(str(demo.config_file("vitask")))
+    n = Config.fromfile(str(demo.config_file("vanilla")))
+    assert demo.config_file("vitask") == config_path("vitask_tiny_demo")  # shipped in the package, wheel or not
+    assert v.train_cfg.max_epochs == n.train_cfg.max_epochs == v.stage1_epochs + v.stage2_epochs
+    assert v.train_dataloader.batch_size == n.train_dataloader.batch_size
+    assert v.train_dataloader.sampler.seed == n.train_dataloader.sampler.seed
+    assert v.optim_wrapper.optimizer.lr == n.optim_wrapper.optimizer.lr
+    assert v.optim_wrapper.clip_grad == n.optim_wrapper.clip_grad
+    strip = [{k: val for k, val in s.items()} for s in v.param_scheduler], [dict(s) for s in n.param_scheduler]
+    assert strip[0] == strip[1] and len(strip[0]) == 2  # warm-up then cosine over every step, both recipes
+    assert {k: v.model.llm_lora[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")} == \
+        {k: n.model.llm_lora[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")}
+
+
+def test_connector_group_starts_at_its_lr_mult():
+    import torch
+
+    from xtuner_vitask.engine.param_groups import optimizer_with_param_groups, tag_param_group
+
+    model = torch.nn.ModuleDict({"llm": torch.nn.Linear(2, 2), "connector": torch.nn.Linear(2, 2)})
+    tag_param_group(model["connector"], "connector")
+    opt = optimizer_with_param_groups(model.parameters(), lr=2e-3, weight_decay=0.0, lr_mult={"connector": 10.0})
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-2])
+    assert opt.param_groups[1]["name"] == "connector" and len(opt.param_groups[1]["params"]) == 2
+    plain = optimizer_with_param_groups(model.parameters(), lr=2e-3)
+    assert [g["lr"] for g in plain.param_groups] == pytest.approx([2e-3, 2e-3])
+
+
+def test_stage2_start_counts_stage1_steps():
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(demo.config_file("vitask")))
+    assert demo.stage2_start(17) == cfg.stage1_epochs * -(-17 // cfg.train_dataloader.batch_size)
+
+
+def test_external_domain_keeps_labels_and_shifts_images(tmp_path):
+    import numpy as np
+
+    from xtuner_vitask.testing.medmnist_npz import write_medmnist_npz
+
+    src = np.load(write_medmnist_npz(tmp_path / "s.npz", "octmnist", (40, 8, 8), seed=2, style="shapes"))
+    ext = np.load(write_medmnist_npz(tmp_path / "e.npz", "octmnist", (40, 8, 8), seed=2, style="shapes",
+                                     domain="external"))
+    assert (src["train_labels"] == ext["train_labels"]).all()  # same classes, same draw
+    assert src["train_images"].shape == ext["train_images"].shape and src["train_images"].dtype == np.uint8
+    assert abs(float(src["train_images"].mean()) - float(ext["train_images"].mean())) > 2.0
+    assert json.loads((tmp_path / "e.npz.generated.json").read_text())["domain"] == "external"
+    with pytest.raises(ValueError, match="domain"):
+        write_medmnist_npz(tmp_path / "x.npz", "octmnist", (4, 2, 2), style="grating", domain="external")
 
 
 def test_results_table_and_json(tmp_path):
@@ -75,15 +132,34 @@ def test_cli_checks_its_arguments():
         demo_cli.run(parser.parse_args(["--flag", "nosuchmnist"]))
 
 
-def test_ablation_tables_format_mean_and_std():
+def test_ablation_tables_and_paired_claims():
     import ablation
 
-    cache = {"0": {"base": {"accuracy_no_ep": 0.5, "macro_f1_no_ep": 0.4, "accuracy_ep": 0.7, "macro_f1_ep": 0.6},
-                   "tsm": {"accuracy": 0.9, "macro_f1": 0.88}},
-             "1": {"base": {"accuracy_no_ep": 0.7, "macro_f1_no_ep": 0.6, "accuracy_ep": 0.9, "macro_f1_ep": 0.8}}}
+    def run(f1_no, f1_ep=None):
+        return {"accuracy_no_ep": f1_no, "macro_f1_no_ep": f1_no, **({} if f1_ep is None else
+                                                                    {"accuracy_ep": f1_ep, "macro_f1_ep": f1_ep})}
+
+    cache = {"0": {"vanilla": run(0.2), "+both": run(0.4, 0.8), "tsm": {"accuracy": 0.9, "macro_f1": 0.88}},
+             "1": {"vanilla": run(0.3), "+both": run(0.4, 0.9)},
+             "2": {"vanilla": run(0.1), "+both": run(0.3, 0.7)}}
     text = ablation.tables(cache)
-    assert "| vanilla (L_van + L_EP) | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text
+    assert "| +both (VITask) | 0.367 ± 0.058 | 0.367 ± 0.058 | 0.800 ± 0.100 | 0.800 ± 0.100 |" in text
     assert "| TSM | 0.900 ± 0.000 (n=1) | 0.880 ± 0.000 (n=1) |" in text and "n/a" in text
+    lines, verdicts = ablation.claim_lines(cache)
+    assert verdicts["main"] == "reproduced (+0.05 target met)"  # +0.167 ± 0.058, 3/3 seeds
+    assert any("| +0.167 ± 0.058 | 3/3 |" in line for line in lines)
+    cache["1"]["+both"] = run(0.25, 0.9)  # one seed lost: not reproduced
+    assert ablation.claim_lines(cache)[1]["main"].startswith("not reproduced")
+    mean, sd, wins, n, p = ablation.paired({"0": 0.5, "1": 0.7}, {"0": 0.4, "1": 0.4})
+    assert (round(mean, 3), wins, n) == (0.2, 2, 2) and 0 < p < 0.5
+
+
+def test_ablation_rejects_unknown_runs(capsys):
+    import ablation
+
+    with pytest.raises(SystemExit):
+        ablation.main(["--runs", "vanilla,+nothing", "--report-only", "--out", "/nonexistent/x"])
+    assert "+nothing" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -94,6 +170,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [r["model"] for r in saved["rows"]] == ["vanilla", "vitask_no_ep", "vitask_ep", "tsm"]
     for row in saved["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
-    for png in ("confusion_vanilla.png", "confusion_vitask_ep.png", "confusion_tsm.png", "loss_curves.png"):
+    for png in ("confusion_vanilla.png", "confusion_vitask_ep.png", "confusion_tsm.png", "loss_curves.png",
+                "fig4_response_ranking.png", "grad_norm.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
+    for model in ("vanilla", "VITask w/o EP"):
+        r = saved["response_ranking"][model]
+        assert r["n_pairs"] == 32 and 0.0 < r["positive_mean"] < 1.0 and 0.0 <= r["ranked_correctly"] <= 1.0
     assert result["chat"]["answer"] is not None

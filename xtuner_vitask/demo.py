@@ -6,10 +6,12 @@ exported folders and its chat session. By default the data set is *generated* (l
 synthetic images in the exact MedMNIST npz layout, labelled as generated in meta.json, in the
 PNGs' titles and in results.json); ``flag=..., download=True`` runs a real MedMNIST set instead.
 
-The VLM is the tiny random-weight InternVL2 of :mod:`xtuner_vitask.testing`: its frozen vision
-encoder is "not specialised for the task" (the paper's premise), so it can only learn label
-names from the instruction and whatever its random image features carry, while the TSM learns
-the images. Settings are chosen so that the whole run fits a 2-core CPU in minutes.
+The VLM is the tiny InternVL2 of :mod:`xtuner_vitask.testing` (InternLM2 LLM, InternVL2-2B's layout),
+first pretrained offline into a small generalist on captioned coloured shapes
+(:mod:`xtuner_vitask.testing.pretrain`, cached): a pretrained but unspecialised VLM, the paper's
+premise. Its vision encoder stays frozen; the generated task's classes differ in shape, region,
+texture and brightness, which such an encoder reads only partly, while the TSM learns the images.
+Both recipes run with the schedule of their demo config (configs/*_tiny_demo*.py; README "Fair protocol").
 """
 import json
 import os
@@ -26,56 +28,60 @@ from pathlib import Path
 from .contract import load_meta, read_jsonl
 from .errors import VITaskError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"tsm": "configs/tsm_tiny_cpu.py", "vitask": "configs/vitask_tiny_cpu.py",
-           "vanilla": "configs/internvl2_tiny_cpu_lora.py"}
+CONFIGS = {"tsm": "tsm_tiny_cpu", "vitask": "vitask_tiny_demo", "vanilla": "internvl2_tiny_demo_lora"}
+TINY_LLM = "internlm2"  # the LLM class of the tiny InternVL2 (InternVL2-2B/8B's LLM)
 ROW_NAMES = {"vanilla": "vanilla (XTuner InternVL2 LoRA recipe)", "vitask_no_ep": "VITask w/o EP",
              "vitask_ep": "VITask w/ EP", "tsm": "TSM (tiny ViT classifier)"}
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and schedule of one demo run (the tiny configs' other values apply)."""
+    """Data, model and TSM of one demo run. The VLM schedule is the tiny configs' own (stage 1 + stage 2
+    epochs of configs/vitask_tiny_demo.py = the epochs of configs/internvl2_tiny_demo_lora.py)."""
 
-    flag: str = "octmnist"  # 4 classes, short label names: a random tiny LLM learns them in minutes
-    n_per_split: tuple = (280, 70, 140)  # generated set: train, val, test images
+    flag: str = "octmnist"  # 4 classes, short label names: a tiny LLM learns them in minutes
+    n_per_split: tuple = (560, 70, 280)  # generated set: train, val, test images
+    data_style: str = "shapes"  # medmnist_npz style: class = shape + region, partly visible to a frozen encoder
+    pretrained: bool = True  # the tiny InternVL2 pretrained into a small generalist (make-tiny --pretrain)
     vlm_image_size: int = 64
     tsm_epochs: int = 8
-    stage1_epochs: int = 5  # the random LLM reads the exemplar token only after ~3 epochs (measured)
-    stage2_epochs: int = 1
-    connector_lr_mult: float = 10.0  # the new connector starts from scratch (x30 measured no faster)
-    vanilla_epochs: int = 6  # = stage1 + stage2: the same number of steps on the same files
     eval_batch_size: int = 16
-
-    @property
-    def vitask_epochs(self):
-        return self.stage1_epochs + self.stage2_epochs
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, n_per_split=(160, 32, 64), tsm_epochs=4, stage1_epochs=2, vanilla_epochs=3)  # a smoke run
+QUICK = replace(FULL, n_per_split=(64, 16, 32), tsm_epochs=4, pretrained=False)  # smoke run: random tiny VLM
 
 
 # ----------------------------------------------------------------------------------------- data
 def make_data(out_dir, flag, download=False, n_per_split=FULL.n_per_split, seed=0,
-              instruction_variant="complete", progress=False):
+              instruction_variant="complete", progress=False, style=FULL.data_style, domain="source"):
     """The instruction data folder (train/val/test.jsonl + images + meta.json) under ``out_dir``.
 
-    Without ``download``: a generated, learnable npz in MedMNIST's layout (``<flag>.npz`` plus its
-    ``.generated.json`` marker, which the converter copies into meta.json). With ``download``:
-    medmnist's real 28 px file, fetched by medmnist where a network exists.
+    Without ``download``: a generated npz in MedMNIST's layout (``generated/<flag>[_external].npz`` plus
+    its ``.generated.json`` marker, which the converter copies into meta.json; ``domain="external"``:
+    the same classes under a shifted acquisition, paper Table 3). With ``download``: medmnist's real
+    28 px file, fetched by medmnist where a network exists.
     """
     from .data.convert import convert_medmnist
+    from .data.npz import generated_marker
     from .testing.medmnist_npz import write_medmnist_npz
 
     out_dir = Path(out_dir)
-    data_dir = out_dir / ("data" if instruction_variant == "complete" else f"data_{instruction_variant}")
+    suffix = "".join(f"_{v}" for v, default in ((instruction_variant, "complete"), (domain, "source")) if v != default)
+    data_dir = out_dir / f"data{suffix}"
     if download:
         return convert_medmnist(flag, 28, data_dir, root=out_dir / "medmnist", download=True, verify=True,
                                 instruction_variant=instruction_variant, force=True, progress=progress)
-    npz = out_dir / "generated" / f"{flag}.npz"
-    if not npz.is_file():
-        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True)
+    npz = out_dir / "generated" / (f"{flag}.npz" if domain == "source" else f"{flag}_{domain}.npz")
+    wanted = {"flag": flag, "seed": seed, "style": style, "domain": domain,
+              "n_per_split": dict(zip(("train", "val", "test"), map(int, n_per_split)))}
+    marker = generated_marker(npz)
+    made = json.loads(marker.read_text()) if npz.is_file() and marker.is_file() else {}
+    if any(made.get(k) != v for k, v in wanted.items()):
+        write_medmnist_npz(npz, flag, n_per_split=n_per_split, size=28, seed=seed, learnable=True, style=style,
+                           domain=domain)
+    elif (data_dir / "meta.json").is_file() and read_meta(data_dir).get("generated") == made:
+        return data_dir  # converted from this very npz before
     import warnings
 
     with warnings.catch_warnings():  # split sizes differ from medmnist.INFO's: expected for a generated set
@@ -93,14 +99,19 @@ def data_label(meta):
     return "generated" if meta.get("generated") else meta["dataset"]
 
 
-def build_vlm(out_dir, image_size=FULL.vlm_image_size):
-    """The tiny random-weight InternVL2 (Qwen2 LLM) folder; reused when already there."""
+def build_vlm(out_dir, image_size=FULL.vlm_image_size, pretrained=True, echo=print):
+    """The tiny InternVL2 folder: pretrained into a small generalist (``make-tiny --pretrain``) or with random
+    weights; reused when already there (the pretrained one when made with the same settings)."""
     from .testing import build_tiny_internvl
+    from .testing.pretrain import build_pretrained_tiny
 
+    tiny = dict(llm=TINY_LLM, image_size=image_size, patch_size=16)
+    if pretrained:
+        return Path(build_pretrained_tiny(Path(out_dir) / "tiny_internvl2_pretrained", echo=echo, **tiny))
     path = Path(out_dir) / "tiny_internvl2"
     if (path / "config.json").is_file():
         return path
-    return Path(build_tiny_internvl(path, llm="qwen2", image_size=image_size, patch_size=16, force=True))
+    return Path(build_tiny_internvl(path, force=True, **tiny))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -149,7 +160,7 @@ def run_tool(args, name, log_path, echo=print):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
@@ -162,12 +173,19 @@ def run_tool(args, name, log_path, echo=print):
         raise VITaskError(f"{name} failed (exit {code}); last lines of {log_path}:\n{tail}")
 
 
+def config_file(config_key):
+    """The shipped tiny config of ``config_key`` ('tsm', 'vitask' or 'vanilla'), wheel installs included."""
+    from .config_files import config_path
+
+    return config_path(CONFIGS[config_key])
+
+
 def train(config_key, work_dir, options, name, log_dir, echo=print):
     """XTuner's train tool on one of the tiny configs; returns the work dir."""
     work_dir = Path(work_dir)
     if work_dir.exists():
         shutil.rmtree(work_dir)
-    run_tool(["xtuner.tools.train", REPO / CONFIGS[config_key], "--work-dir", work_dir, "--cfg-options", *options],
+    run_tool(["xtuner.tools.train", config_file(config_key), "--work-dir", work_dir, "--cfg-options", *options],
              name, Path(log_dir) / f"train_{name}.log", echo)
     return work_dir
 
@@ -194,29 +212,26 @@ def tsm_options(data_dir, epochs, seed=0):
             f"train_cfg.max_epochs={epochs}", "default_hooks.logger.interval=1", f"randomness.seed={seed}"]
 
 
-def vlm_options(model_dir, data_dir, epochs, seed=0, eval_batch_size=16):
-    """Options shared by the VITask and vanilla tiny configs: model, data, length, seed, end-of-run val eval."""
+def vlm_options(model_dir, data_dir, seed=0, eval_batch_size=16):
+    """Options shared by the VITask and vanilla tiny configs: model, data, seed (weights and data order),
+    end-of-run val eval. Nothing about the schedule: that is the configs' own."""
     return [f"model.model_path={model_dir}", f"train_dataloader.dataset.model_path={model_dir}",
-            f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}", f"train_cfg.max_epochs={epochs}",
-            f"randomness.seed={seed}", "model.llm=None",
+            f"train_dataloader.dataset.data_paths={Path(data_dir) / 'train.jsonl'}",
+            f"randomness.seed={seed}", f"train_dataloader.sampler.seed={seed}", "model.llm=None",
             "default_hooks.checkpoint.interval=100000", f"custom_hooks.{{hook}}.batch_size={eval_batch_size}"]
 
 
 def vitask_options(model_dir, data_dir, tsm_checkpoint, settings=FULL, seed=0, extra=()):
-    """--cfg-options for configs/vitask_tiny_cpu.py (hooks: 0 = stage switch, 1 = eval)."""
-    opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, settings.vitask_epochs, seed,
-                                                   settings.eval_batch_size)]
+    """--cfg-options for configs/vitask_tiny_demo.py (hooks: 0 = stage switch, 1 = eval)."""
+    opts = [o.format(hook=1) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + [f"model.tsm.meta={Path(data_dir) / 'meta.json'}", f"model.tsm.checkpoint={tsm_checkpoint}",
-                   f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}",
-                   f"custom_hooks.0.switch_epoch={settings.stage1_epochs}", "custom_hooks.1.interval=100000",
-                   f"optim_wrapper.paramwise_cfg.custom_keys.connector.lr_mult={settings.connector_lr_mult}",
+                   f"train_dataloader.dataset.tsm_checkpoint={tsm_checkpoint}", "custom_hooks.1.interval=100000",
                    *extra]
 
 
 def vanilla_options(model_dir, data_dir, settings=FULL, seed=0, extra=()):
-    """--cfg-options for configs/internvl2_tiny_cpu_lora.py (hook 0 = eval)."""
-    opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, settings.vanilla_epochs, seed,
-                                                   settings.eval_batch_size)]
+    """--cfg-options for configs/internvl2_tiny_demo_lora.py (hook 0 = eval)."""
+    opts = [o.format(hook=0) for o in vlm_options(model_dir, data_dir, seed, settings.eval_batch_size)]
     return opts + ["custom_hooks.0.interval=100000", *extra]
 
 
@@ -252,7 +267,7 @@ def export(config_key, checkpoint, out_dir, options, name, log_dir, plain=False,
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    args = ["xtuner.tools.model_converters.pth_to_hf", REPO / CONFIGS[config_key], checkpoint, out_dir]
+    args = ["xtuner.tools.model_converters.pth_to_hf", config_file(config_key), checkpoint, out_dir]
     if plain:
         args += ["--save-format", "official"]
     run_tool(args + ["--cfg-options", *options], name, Path(log_dir) / f"export_{name}.log", echo)
@@ -337,15 +352,17 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
         echo(f"\n== {text}  [{time.perf_counter() - started:.0f} s]")
 
     step(f"data: {'MedMNIST ' + flag + ' (download)' if download else 'generated ' + flag + ' (MedMNIST npz layout)'}")
-    data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed)
+    data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed,
+                         style=settings.data_style)
     meta = read_meta(data_dir)
     name = data_label(meta)
     counts = {k: v["total"] for k, v in meta["counts"].items()}
     echo(f"{data_dir}: {len(meta['label_names'])} classes {meta['label_names']}, {counts}"
          + (" -- GENERATED images, not real MedMNIST" if name == "generated" else ""))
 
-    step("tiny InternVL2 (random weights, frozen vision encoder)")
-    model_dir = build_vlm(out, settings.vlm_image_size)
+    step("tiny InternVL2 (InternLM2 LLM): " + ("pretrained into a small generalist on captioned shapes, cached"
+                                              if settings.pretrained else "random weights (--quick)"))
+    model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
 
     step("TSM: tiny ViT classifier trained on the task")
     tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, settings.tsm_epochs, seed),
@@ -388,10 +405,22 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     answer = chat_once(vitask_hf, image, prompt)
     echo(f"image: {image}\nuser: {prompt}\nassistant: {answer}\n(true label: {sample['conversations'][1]['value']})")
 
+    step("Fig. 4: visual response ranking (own image vs another class's image), vanilla and VITask w/o EP")
+    ranking = response_ranking_pairs({"vanilla": (vanilla_hf, None), "VITask w/o EP": (vitask_hf, vitask_model)},
+                                     data_dir, settings.eval_batch_size, seed)
     pngs = write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work)
+    pngs.append(plot_ranking_panels(ranking, out / "fig4_response_ranking.png", f"generated {flag}"
+                                    if name == "generated" else flag))
+    pngs.append(plot_grad_norms({"VITask": scalars_of(vitask_work), "vanilla": scalars_of(vanilla_work)},
+                                out / "grad_norm.png", stage2_start(len(read_jsonl(Path(data_dir) / "train.jsonl"))),
+                                f"gradient norms before clipping, {name} {flag}"))
     result = {"rows": rows, "data": name, "wall_time_s": round(time.perf_counter() - started, 1),
               "flag": flag, "generated": name == "generated", "settings": asdict(settings), "seed": seed,
-              "chat": {"image": str(image), "prompt": prompt, "answer": answer}}
+              "chat": {"image": str(image), "prompt": prompt, "answer": answer},
+              "response_ranking": {k: {"positive_mean": float(p.mean()), "negative_mean": float(n.mean()),
+                                       "ranked_correctly": float((p > n).mean()), "n_pairs": len(p)}
+                                   for k, (p, n) in ranking.items()},
+              "protocol": PROTOCOL}
     results_path = write_json_atomic(out / "results.json", result)
     echo("\n" + results_table(rows, name))
     if name == "generated":
@@ -399,6 +428,84 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     echo(f"\nwall time {result['wall_time_s']:.0f} s\nresults: {results_path}\nfigures: "
          + ", ".join(str(p) for p in pngs) + f"\nexports: {vitask_hf}, {vanilla_hf}\nlogs: {logs}")
     return result
+
+
+PROTOCOL = ("fair: both recipes train with their tiny config's own schedule (same optimizer steps, data order, "
+            "lr, warm-up + cosine rule, LoRA), seed for weights and data order passed to both; selection: the last "
+            "step for both; scored on the test split by likelihood ranking of the label names")
+
+
+def stage2_start(n_train):
+    """Index of the first stage-2 optimizer step of the tiny VITask config for ``n_train`` training records."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config_file("vitask")))
+    return cfg.stage1_epochs * -(-n_train // cfg.train_dataloader.batch_size)
+
+
+def response_ranking_pairs(models, data_dir, batch_size=16, seed=0):
+    """Fig. 4's numbers for each export: {label: (positive, negative)} mean response-token probabilities of the
+    test records with their own image and with an image of another class (same draw for every model)."""
+    from .analysis.response_ranking import response_ranking
+    from .evaluation.evaluate import read_records
+    from .export.folder import inspect_export
+    from .inference.exports import data_meta, export_inputs, load_model
+
+    test = Path(data_dir) / "test.jsonl"
+    out = {}
+    for label, (folder, model) in models.items():
+        info = inspect_export(str(folder))
+        model = model or load_model(info, use_ep=False)
+        records = read_records(str(test), data_meta(info, str(test)))
+        out[label] = response_ranking(model, export_inputs(info, model, False), records, str(Path(data_dir)),
+                                      use_ep=False, batch_size=batch_size, seed=seed, progress=False)
+    return out
+
+
+def plot_ranking_panels(ranking, path, data_name):
+    """Fig. 4 for several models side by side: density of the mean response probability, own vs other image."""
+    import numpy as np
+
+    from .evaluation.plots import _pyplot, _save_atomic
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ranking), figsize=(5 * len(ranking), 3.8), sharey=True, squeeze=False)
+    try:
+        bins = np.linspace(0, 1, 31)
+        for ax, (label, (pos, neg)) in zip(axes[0], ranking.items()):
+            for values, kind, colour in ((pos, "positive (own image)", "tab:blue"),
+                                         (neg, "negative (other class's image)", "tab:red")):
+                ax.hist(values, bins=bins, density=True, alpha=0.45, color=colour,
+                        label=f"{kind}, mean {values.mean():.3f}")
+            ax.set(xlabel="mean probability of the response tokens", xlim=(0, 1),
+                   title=f"{label}: positive > negative in {100 * (pos > neg).mean():.0f}% of pairs")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("density")
+        fig.suptitle(f"Visual response ranking (paper Fig. 4), test split, {data_name}", fontsize=10)
+        fig.tight_layout()
+        return _save_atomic(fig, str(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_grad_norms(curves, path, stage2_from, title):
+    """Gradient norm before clipping per optimizer step, one line per run, the VITask stage switch marked."""
+    from .evaluation.plots import _pyplot, _save_atomic
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    try:
+        for name, records in curves.items():
+            rows = [r for r in records if "grad_norm" in r]
+            ax.plot(range(1, len(rows) + 1), [r["grad_norm"] for r in rows], lw=1, label=name)
+        ax.axvline(stage2_from + 0.5, color="k", ls="--", lw=0.8, label="VITask stage 1 -> 2 (CRT on)")
+        ax.set(xlabel="optimizer step", ylabel="gradient norm (clipped at 1 for the update)", yscale="log",
+               title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save_atomic(fig, str(path))
+    finally:
+        plt.close(fig)
 
 
 def write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work):

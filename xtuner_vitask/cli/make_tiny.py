@@ -25,6 +25,10 @@ def add_arguments(parser):
     parser.add_argument("--max-shard-size", default="1GB", help="--preset: weight shard size (default 1GB)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; same seed, same weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="then pretrain the tiny model (ViT, mlp1, LLM) into a small generalist on a generated "
+                             "corpus of captioned coloured shapes, offline (a few CPU minutes; reused when OUT_DIR "
+                             "already holds one made the same way); the demo's VLM")
     parser.add_argument("--llava", action="store_true",
                         help="a tiny LLaVA in XTuner's LLaVA recipes' layout instead: OUT_DIR/llm (InternLM2-chat "
                              "style), OUT_DIR/visual_encoder (CLIP), OUT_DIR/projector_pretrain.pth (56 px, patch 14)")
@@ -42,6 +46,20 @@ def run(args):
         folder = build_internvl2_preset(args.out_dir, preset=args.preset, seed=args.seed, force=args.force,
                                         max_shard_size=args.max_shard_size)
         what = args.preset
+    elif args.pretrain:
+        from pathlib import Path
+
+        from xtuner_vitask.errors import VITaskError
+        from xtuner_vitask.testing.pretrain import MARKER, build_pretrained_tiny
+
+        if args.template is not None or args.max_dynamic_patch != 6 or args.seed != 0:
+            raise VITaskError("--pretrain builds the default tiny model (--llm, --image-size, --patch-size only): "
+                              "drop --template/--max-dynamic-patch/--seed")
+        out = Path(args.out_dir)
+        if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not args.force:
+            raise VITaskError(f"{out} exists and is not a pretrained tiny model: choose another OUT_DIR or add --force")
+        folder = build_pretrained_tiny(out, llm=args.llm, image_size=args.image_size, patch_size=args.patch_size)
+        what = f"{args.llm}, pretrained"
     else:
         folder = build_tiny_internvl(
             args.out_dir,

@@ -18,14 +18,18 @@ def tag_param_group(module, name):
         setattr(param, PARAM_GROUP_ATTR, name)
 
 
-def optimizer_with_param_groups(params, optimizer_type=AdamW, **kwargs):
+def optimizer_with_param_groups(params, optimizer_type=AdamW, lr_mult=None, **kwargs):
     """``optimizer_type(groups, **kwargs)``: untagged parameters in the first group, then one group per tag
-    (``group['name']`` = the tag), so mmengine logs the first group's lr as usual."""
+    (``group['name']`` = the tag), so mmengine logs the first group's lr as usual. ``lr_mult``: {tag: factor}
+    starts that group at ``factor x lr`` (LR schedulers then scale every group alike)."""
     groups = {None: []}
     for param in params:
         groups.setdefault(getattr(param, PARAM_GROUP_ATTR, None), []).append(param)
+    lr_mult = lr_mult or {}
     return optimizer_type([dict(params=groups.pop(None))]
-                          + [dict(params=ps, name=name) for name, ps in groups.items()], **kwargs)
+                          + [dict(params=ps, name=name, **({"lr": kwargs["lr"] * lr_mult[name]} if name in lr_mult
+                                                            else {}))
+                             for name, ps in groups.items()], **kwargs)
 
 
 def find_param_group(optim_wrapper, name):
