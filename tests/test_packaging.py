@@ -1,5 +1,6 @@
 """The configs ship inside the package (`xtuner-vitask list-cfg` / `copy-cfg`, as XTuner does), and a
 wheel install -- not the editable checkout -- finds them and runs."""
+import json
 import os
 import subprocess
 import sys
@@ -41,11 +42,12 @@ def test_list_cfg_filters(capsys):
     assert len(names) == 13 and all(n.startswith("tsm_vit_base_") for n in names)
 
 
-@pytest.mark.slow
-def test_wheel_install_finds_its_configs(tmp_path):
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
     """Build a wheel, install it (no deps) into a fresh venv whose dependencies come from this venv's
-    site-packages (a plain path entry: this venv's editable finder is NOT active there), and use it
-    from outside the checkout."""
+    site-packages (a plain path entry: this venv's editable finder is NOT active there).
+    Returns (venv folder, its site-packages, env to run it with)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
                     "-w", str(wheels)], check=True, capture_output=True, text=True)
@@ -61,9 +63,40 @@ def test_wheel_install_finds_its_configs(tmp_path):
                    check=True, capture_output=True, text=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
     env.pop("PYTHONPATH", None)
-    where = subprocess.run([python, "-c", "import xtuner_vitask.config_files as c; print(c.configs_dir())"],
-                           cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    return venv, site, env
+
+
+@pytest.mark.slow
+def test_wheel_install_finds_its_configs(wheel_venv, tmp_path):
+    """Used from outside the checkout, the installed wheel finds the configs it ships."""
+    venv, site, env = wheel_venv
+    where = subprocess.run([venv / "bin" / "python", "-c", "import xtuner_vitask.config_files as c; "
+                            "print(c.configs_dir())"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                           text=True).stdout.strip()
     assert where.startswith(str(site)) and (Path(where) / "deepspeed" / "zero2_cpu.json").is_file()
     listed = subprocess.run([venv / "bin" / "xtuner-vitask", "list-cfg", "-p", "vitask_tiny*"], cwd=tmp_path,
                             env=env, check=True, capture_output=True, text=True).stdout
     assert "vitask_tiny_cpu" in listed
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_from_the_wheel_install(wheel_venv, tmp_path):
+    """`xtuner-vitask demo --quick` of the installed wheel, outside the checkout (the demo's end-to-end test:
+    data -> TSM -> VITask and the vanilla recipe through XTuner's train tool -> export -> eval -> chat)."""
+    venv, site, env = wheel_venv
+    out = tmp_path / "demo"
+    proc = subprocess.run([venv / "bin" / "xtuner-vitask", "demo", "--quick", "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"] == "generated" and saved["wall_time_s"] > 0
+    assert [r["model"] for r in saved["rows"]] == ["vanilla", "vitask_no_ep", "vitask_ep", "tsm"]
+    for row in saved["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
+    for png in ("confusion_vanilla.png", "confusion_vitask_ep.png", "confusion_tsm.png", "loss_curves.png",
+                "fig4_response_ranking.png", "grad_norm.png"):
+        assert (out / png).stat().st_size > 1000
+    for model in ("vanilla", "VITask w/o EP"):
+        r = saved["response_ranking"][model]
+        assert r["n_pairs"] == 32 and 0.0 < r["positive_mean"] < 1.0 and 0.0 <= r["ranked_correctly"] <= 1.0
+    assert saved["chat"]["answer"] is not None
