@@ -96,12 +96,18 @@ def evaluate_export(model_dir, data_path, use_ep=None, mode="rank", batch_size=8
     report = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
                   rank_impl=strategy if mode == "rank" else None, variant="ep" if info.has_ep else "plain",
                   n=len(records))
+    return scored_report(report, model, inputs, records, meta, data_path, progress, mode=mode, use_ep=use_ep,
+                         batch_size=batch_size, strategy=strategy, max_new_tokens=max_new_tokens,
+                         hf_use_ep=use_ep if info.has_ep else None)
+
+
+def scored_report(report, model, inputs, records, meta, data_path, progress, **evaluate_kwargs):
+    """``report`` (what was evaluated) + ``evaluate_records``' per-task results, time and means over tasks:
+    the report every export kind (InternVL2, LLaVA) gives."""
     started = time.perf_counter()
-    report.update(evaluate_records(
-        model, inputs, records, meta, os.path.dirname(os.path.abspath(data_path)),
-        mode=mode, use_ep=use_ep, batch_size=batch_size, strategy=strategy, max_new_tokens=max_new_tokens,
-        train_records=train_records_beside(data_path, meta), progress=progress,
-        hf_use_ep=use_ep if info.has_ep else None))
+    report.update(evaluate_records(model, inputs, records, meta, os.path.dirname(os.path.abspath(data_path)),
+                                   train_records=train_records_beside(data_path, meta), progress=progress,
+                                   **evaluate_kwargs))
     report["seconds"] = time.perf_counter() - started
     report["samples_per_second"] = len(records) / max(report["seconds"], 1e-9)
     report["unparsable"] = sum(t["unparsable"] for t in report["tasks"].values())

@@ -9,16 +9,12 @@ named as ``xtuner chat`` names them (``--llm`` = its positional LLM, ``--visual-
 """
 import json
 import os
-import time
-
-import torch
 
 from ..errors import VITaskError
-from ..evaluation.evaluate import MODES, evaluate_records, mean_over_tasks, read_records, train_records_beside
+from ..evaluation.evaluate import MODES, read_records
 from ..evaluation.inputs import ModelInputs
-from .exports import quiet_logs
-
 from ..export.llava import CONNECTOR_DIR, SETTINGS_FILE, TSM_DIR
+from .exports import quiet_logs, scored_report
 
 
 def is_llava_export(folder):
@@ -134,13 +130,5 @@ def evaluate_llava_export(export_dir, data_path, llm, visual_encoder, use_ep=Non
     report = dict(model=os.path.abspath(export_dir), data=os.path.abspath(data_path), mode=mode, use_ep=use_ep,
                   rank_impl=strategy, variant="llava-ep" if read_settings(export_dir) else "llava",
                   n=len(records))
-    started = time.perf_counter()
-    report.update(evaluate_records(model, inputs, records, meta, os.path.dirname(os.path.abspath(data_path)),
-                                   mode=mode, use_ep=use_ep, batch_size=batch_size, strategy=strategy,
-                                   train_records=train_records_beside(data_path, meta), progress=progress))
-    report["seconds"] = time.perf_counter() - started
-    report["samples_per_second"] = len(records) / max(report["seconds"], 1e-9)
-    report["unparsable"] = sum(t["unparsable"] for t in report["tasks"].values())
-    for key in ("accuracy", "macro_f1"):
-        report[key] = mean_over_tasks(report["tasks"], key)
-    return report
+    return scored_report(report, model, inputs, records, meta, data_path, progress, mode=mode, use_ep=use_ep,
+                         batch_size=batch_size, strategy=strategy)

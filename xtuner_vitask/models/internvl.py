@@ -13,7 +13,6 @@ Only what blocks those differs from XTuner:
 - ``mlp1`` can be frozen (InternVL2 recipes and the paper keep it frozen; XTuner trains it).
 """
 import contextlib
-import copy
 
 import torch
 import xtuner.model.internvl as xtuner_internvl
@@ -25,12 +24,8 @@ from ..internvl_config import load_internvl_config  # noqa: F401 (re-exported)
 from . import losses
 from .attention import (apply_attn_implementation, load_kwargs,  # noqa: F401 (re-exported)
                         resolve_attn_implementation)
-from .lora import resolve_lora_config
+from .plugin_wrapper import ConfigMismatchError, PluginWrapperMixin  # noqa: F401 (re-exported)
 from .zero3_cpu import make_cpu_all_gathers_complete
-
-
-class ConfigMismatchError(VITaskError, AttributeError):
-    """A checkpoint's tensor has no place in the model the config builds (an AttributeError for ``hasattr``)."""
 
 
 def resolve_dtype(name):
@@ -71,7 +66,7 @@ def _load_overrides(model_path, attn_implementation, torch_dtype):
         xtuner_internvl.AutoModel = real_auto_model
 
 
-class InternVL2(InternVL_V1_5):
+class InternVL2(PluginWrapperMixin, InternVL_V1_5):
     """XTuner's InternVL2 wrapper with the attention, dtype and mlp1 freezing as config values.
 
     Args (beyond XTuner's): attn_implementation ('auto'|'eager'|'sdpa'|'flash_attention_2', checked against
@@ -99,30 +94,8 @@ class InternVL2(InternVL_V1_5):
         if not activation_checkpointing:
             self.gradient_checkpointing_disable()
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "connector":
-                raise
-        # XTuner's pth_to_hf puts every tensor of the checkpoint into the model built from the config
-        raise ConfigMismatchError(f"the checkpoint holds VITask's exemplar connector but the config builds the "
-                                  f"vanilla {type(self).__name__}: convert it with the VITask config it was trained "
-                                  "with (the copy in its work_dir)") from None
-
-    def _prepare_llm_for_lora(self, lora_config, use_activation_checkpointing=True):
-        """XTuner's LoRA setup, after "auto" targets/head are resolved and every entry is checked against
-        the LLM (before the first step, instead of peft's error or silence)."""
-        lora_config = copy.deepcopy(lora_config)
-        get = lora_config.get if isinstance(lora_config, dict) else lambda key: getattr(lora_config, key, None)
-        targets, to_save = resolve_lora_config(self.model.language_model, get("target_modules"),
-                                               get("modules_to_save"))
-        if isinstance(lora_config, dict):
-            lora_config.update(target_modules=targets, modules_to_save=to_save)
-        else:
-            lora_config.target_modules, lora_config.modules_to_save = targets, to_save
-        self.lora_target_modules, self.lora_modules_to_save = targets, to_save
-        return super()._prepare_llm_for_lora(lora_config, use_activation_checkpointing)
+    def lora_llm(self):
+        return self.model.language_model
 
     def state_dict(self, *args, **kwargs):
         """XTuner's choice (LoRA / unfrozen towers / mlp1), minus mlp1 when it is frozen (it is the base model's)."""

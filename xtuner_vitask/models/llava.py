@@ -29,8 +29,8 @@ from xtuner.utils import IMAGE_TOKEN_INDEX
 from ..errors import VITaskError
 from . import losses
 from .attention import FLASH, resolve_attn_implementation
-from .internvl import ConfigMismatchError, InternVL2, resolve_dtype
-from .lora import resolve_lora_config
+from .internvl import InternVL2, resolve_dtype
+from .plugin_wrapper import PluginWrapperMixin
 from .vitask import VITask, check_vitask_arguments
 
 
@@ -40,7 +40,7 @@ def _as_config(cfg):
     return cfg
 
 
-class LLaVA(LLaVAModel):
+class LLaVA(PluginWrapperMixin, LLaVAModel):
     """XTuner's LLaVAModel with the attention, dtype and LoRA targets as config values, on any device.
 
     Args (beyond XTuner's ``llm``, ``visual_encoder``, ``pretrained_pth``, ``llm_lora``, ...):
@@ -94,27 +94,8 @@ class LLaVA(LLaVAModel):
                               "internlm/internlm2-chat-1_8b --local-dir ...)") from None
         return super()._dispatch_lm_model_cfg(cfg, max_position_embeddings)
 
-    def _prepare_llm_for_lora(self, lora_config, use_activation_checkpointing=True):
-        """XTuner's LoRA setup after "auto" targets/head are resolved and checked against the LLM."""
-        lora_config = copy.deepcopy(lora_config)
-        get = lora_config.get if isinstance(lora_config, dict) else lambda key: getattr(lora_config, key, None)
-        targets, to_save = resolve_lora_config(self.llm, get("target_modules"), get("modules_to_save"))
-        if isinstance(lora_config, dict):
-            lora_config.update(target_modules=targets, modules_to_save=to_save)
-        else:
-            lora_config.target_modules, lora_config.modules_to_save = targets, to_save
-        self.lora_target_modules, self.lora_modules_to_save = targets, to_save
-        return super()._prepare_llm_for_lora(lora_config, use_activation_checkpointing)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "connector":
-                raise
-        raise ConfigMismatchError(f"the checkpoint holds VITask's exemplar connector but the config builds the "
-                                  f"vanilla {type(self).__name__}: convert it with the VITask config it was trained "
-                                  "with (the copy in its work_dir)") from None
+    def lora_llm(self):
+        return self.llm
 
     # ---- the adapter (see models.vitask.VITask) ------------------------------------------------
     image_token_id = IMAGE_TOKEN_INDEX
