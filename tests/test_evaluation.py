@@ -231,7 +231,9 @@ def _evaluate_in_process(rank, world, port, model_path, data_dir, out_file, hook
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump(dict(out, hook=hook), f)
     if world > 1:
-        torch.distributed.destroy_process_group()
+        from conftest import end_gloo_worker
+
+        end_gloo_worker()
 
 
 def run_hook_once(model, model_path, data_dir, work_dir):

@@ -4,7 +4,6 @@ One model, one batch: ``shared_prefix=False`` (full passes, the reference) and `
 compared to 1e-5 (fp32) -- every term of eq. 7 and the gradient of every trainable tensor (LoRA, connector) --
 on InternVL2's InternLM2 (remote code: eager attention, legacy tuple caches, its own reentrant checkpointing)
 and on a transformers Qwen2 (SDPA, Cache objects)."""
-import logging
 
 import pytest
 import torch
@@ -224,18 +223,18 @@ def _ddp_worker(rank, world, port, model_path, data, out):
 
     import torch.distributed as dist
 
+    from conftest import end_gloo_worker
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build(model_path)
-        model.set_stage(2)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # as the configs
-        total, _ = model.parse_losses(ddp(data))
-        total.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
-    finally:
-        dist.destroy_process_group()
+    model = build(model_path)
+    model.set_stage(2)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # as the configs
+    total, _ = model.parse_losses(ddp(data))
+    total.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    end_gloo_worker()
 
 
 @pytest.mark.slow
