@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from xtuner_vitask.logs import quiet_mmengine  # noqa: E402
+
 GOALS = {("stage1", True): dict(time_x=1.3), ("stage2", True): dict(time_x=2.3, peak_x=2.1)}
 EXEMPLAR_DIM = 768  # ViT-B/16's feature size (the paper's TSM)
 # InternLM2's tokenizer is not available offline; InternVL's system message is about 30 of its tokens
@@ -330,7 +332,7 @@ def run_benchmark(quick=False, repeats=None, warmup=None, threads=1, batch_size=
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_step_"))
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings(), _quiet_mmengine():
+        with warnings.catch_warnings(), quiet_mmengine():
             warnings.simplefilter("ignore")
             data = build_data(workdir, n_train=max(64, batch_size), seed=seed)
             built = model_path is None
@@ -403,22 +405,6 @@ def llm_attention(model):
     """The attention the LLM runs (InternLM2's remote code knows eager and flash only)."""
     config = model.model.language_model.config
     return getattr(config, "attn_implementation", None) if config.model_type == "internlm2" else config._attn_implementation
-
-
-@contextlib.contextmanager
-def _quiet_mmengine():
-    """XTuner prints the whole model at INFO level: keep the benchmark's output to the table."""
-    import logging
-
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _iqr_ms(times):

@@ -69,7 +69,7 @@ def _tiny(tmp_path_factory, llm):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """The default test checkpoint: InternVL2-2B's layout and InternLM2 remote code, tiny and random."""
-    return _tiny(tmp_path_factory, "internlm2")
+    return _tiny(tmp_path_factory, llm="internlm2")
 
 
 @pytest.fixture(scope="session")

@@ -2,29 +2,12 @@
 and evaluated into one report -- what ``xtuner-vitask eval``, ``ranking-plot``, the demo and the
 benchmarks run. The loop itself is :func:`xtuner_vitask.evaluation.evaluate.evaluate_records`, the
 one the training-time eval hook runs too."""
-import contextlib
 import os
 import time
 
 from ..errors import VITaskError
+from ..logs import quiet_mmengine as quiet_logs  # noqa: F401 (eval, chat, LLaVA exports)
 from ..evaluation.evaluate import MODES, evaluate_records, mean_over_tasks, read_records, train_records_beside
-
-
-@contextlib.contextmanager
-def quiet_logs(verbose=False):
-    """mmengine's INFO lines (XTuner's wrapper prints the whole model tree) hidden unless ``verbose``."""
-    if verbose:
-        yield
-        return
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel("WARNING")
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def load_model(info, use_ep, verbose=False, attn_implementation="auto"):

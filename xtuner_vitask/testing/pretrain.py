@@ -16,9 +16,7 @@ weights (seeded corpus, seeded order, deterministic CPU kernels).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from xtuner_vitask.errors import VITaskError
+from xtuner_vitask.logs import quiet_mmengine
 
 from .medmnist_npz import shape_mask
 
@@ -128,20 +127,6 @@ def write_corpus(folder, n_images, size, seed):
     return folder / "colour.jsonl", folder / "corpus.jsonl"
 
 
-@contextlib.contextmanager
-def _quiet_mmengine():
-    """XTuner's wrapper prints the whole model through mmengine's logger: keep the console short."""
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def pretrain(model_dir, out_dir, settings=PretrainSettings(), progress=True, echo=print, provenance=None):
     """Pretrain the InternVL2 folder ``model_dir`` on the generic corpus; write the result to ``out_dir``.
 
@@ -169,7 +154,7 @@ def pretrain(model_dir, out_dir, settings=PretrainSettings(), progress=True, ech
         with open(model_dir / "config.json", encoding="utf-8") as f:
             image_size = json.load(f)["force_image_size"]
         phases = write_corpus(staging / "corpus", settings.n_images, image_size, settings.seed)
-        with torch.random.fork_rng(devices=[]), _quiet_mmengine():
+        with torch.random.fork_rng(devices=[]), quiet_mmengine():
             torch.manual_seed(settings.seed)
             datasets = [InternVL2Dataset(str(model_dir), str(path), dynamic_image_size=False, max_length=512,
                                          system=settings.system) for path in phases]
