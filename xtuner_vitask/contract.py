@@ -43,8 +43,21 @@ def check_task_type(task_type, where: str = "task_type") -> str:
     return task_type
 
 
+class LabelSlice:
+    """Where a task's classes sit in a (joint) label space, for classes with ``offset``, ``num_classes`` and
+    ``task_type`` (TaskMeta here, the TSM's head slices in tsm/model.py)."""
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task_type == MULTI_LABEL
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.num_classes
+
+
 @dataclass(frozen=True)
-class TaskMeta:
+class TaskMeta(LabelSlice):
     """One task's label space: a single set, or one slice of a merged set's joint label space."""
 
     name: str
@@ -59,14 +72,6 @@ class TaskMeta:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
-
-    @property
-    def multi_label(self) -> bool:
-        return self.task_type == MULTI_LABEL
-
-    @property
-    def stop(self) -> int:
-        return self.offset + self.num_classes
 
     def as_dict(self) -> dict:
         """The shape of one entry of a merged meta.json's ``tasks``."""

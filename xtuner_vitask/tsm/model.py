@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 
-from ..contract import MULTI_CLASS, MULTI_LABEL, MULTI_TASK, SINGLE_LABEL_TYPES, load_meta, parse_meta
+from ..contract import MULTI_CLASS, MULTI_LABEL, LabelSlice, MULTI_TASK, SINGLE_LABEL_TYPES, load_meta, parse_meta
 from ..ep.exemplar_tsm import check_kind, tsm_features
 from ..errors import VITaskError
 
@@ -32,20 +32,12 @@ TSM_FORMAT = "xtuner_vitask.tsm/1"
 
 
 @dataclass(frozen=True)
-class TaskSlice:
+class TaskSlice(LabelSlice):
     """Where one task's classes sit in the model's output and how they are trained."""
     name: str | None
     offset: int
     num_classes: int
     task_type: str
-
-    @property
-    def multi_label(self) -> bool:
-        return self.task_type == MULTI_LABEL
-
-    @property
-    def stop(self) -> int:
-        return self.offset + self.num_classes
 
 
 def _check_task_type(task_type: str, where: str) -> str:
