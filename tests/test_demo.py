@@ -115,6 +115,36 @@ def test_results_table_and_json(tmp_path):
     assert json.loads(path.read_text())["rows"][1]["model"] == "vitask_ep"
 
 
+def test_seed_rows_mean_std_and_the_paired_line():
+    """Several seeds: the table shows mean ± std, results keep every seed, the central claim is paired per seed."""
+    def rows(van, no_ep):
+        return [{"model": "vanilla", "accuracy": van, "macro_f1": van}, {"model": "vitask_no_ep", "accuracy": no_ep,
+                                                                         "macro_f1": no_ep}]
+
+    agg = demo.seed_rows({0: rows(0.2, 0.5), 1: rows(0.4, 0.3), 2: rows(0.3, 0.4)})
+    assert [r["model"] for r in agg] == ["vanilla", "vitask_no_ep"]
+    assert agg[0]["macro_f1"] == pytest.approx(0.3) and agg[0]["macro_f1_std"] == pytest.approx(0.1)
+    assert agg[1]["per_seed"]["1"]["accuracy"] == 0.3
+    assert "| VITask w/o EP | 0.400 ± 0.100 | 0.400 ± 0.100 |" in demo.results_table(agg, "generated")
+    line = demo.paired_line(agg)
+    assert "+0.300, -0.100, +0.100" in line and "mean +0.100 ± 0.200" in line and "above in 2/3" in line
+    one = demo.seed_rows({5: rows(0.2, 0.5)})
+    assert one[0]["macro_f1_std"] == 0.0 and "| VITask w/o EP | 0.500 | 0.500 |" in demo.results_table(one, "x")
+
+
+def test_demo_cli_seeds_default_and_bad_value(monkeypatch):
+    called = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: called.update(kw))
+    parser = argparse.ArgumentParser()
+    demo_cli.add_arguments(parser)
+    demo_cli.run(parser.parse_args(["--out", "x"]))
+    assert called["seeds"] == 3 and called["seed"] == 0 and not called["quick"]
+    demo_cli.run(parser.parse_args(["--quick"]))
+    assert called["seeds"] == 1
+    with pytest.raises(VITaskError, match="--seeds 0"):
+        demo_cli.run(parser.parse_args(["--seeds", "0"]))
+
+
 def test_final_checkpoint_picks_the_last_iteration(tmp_path):
     for name in ("iter_9.pth", "iter_140.pth", "best_macro_f1_no_ep_iter_200.pth"):
         (tmp_path / name).write_bytes(b"")

@@ -295,9 +295,14 @@ def chat_once(export_dir, image, prompt, use_ep=None, max_new_tokens=24):
 
 # ------------------------------------------------------------------------------------- output
 def results_table(rows, data_name):
-    """The demo's one table (markdown)."""
+    """The demo's one table (markdown); mean ± std over seeds when the rows hold more than one seed."""
+    def cell(r, key):
+        many = len(r.get("per_seed", ())) > 1
+        return f"{r[key]:.3f} ± {r[key + '_std']:.3f}" if many else f"{r[key]:.3f}"
+
     lines = [f"| model ({data_name} data, test split) | accuracy | macro-F1 |", "|---|---:|---:|"]
-    lines += [f"| {ROW_NAMES.get(r['model'], r['model'])} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |" for r in rows]
+    lines += [f"| {ROW_NAMES.get(r['model'], r['model'])} | {cell(r, 'accuracy')} | {cell(r, 'macro_f1')} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -339,18 +344,10 @@ def plot_training(curves, path, title):
 
 
 # ----------------------------------------------------------------------------------- the run
-def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed=0, echo=print):
-    """Run the whole demo; returns the results dict (also written to ``out_dir/results.json``)."""
-    started = time.perf_counter()
-    settings = QUICK if quick else FULL
-    flag = flag or settings.flag
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def train_and_score(out, settings, flag, download, seed, model_dir, step, echo=print):
+    """One seed of the demo in ``out``: data -> TSM -> VITask and the vanilla recipe -> pth_to_hf -> test-split
+    evaluation of both exports (VITask with and without EP) and of the TSM. Returns what the outputs need."""
     logs, runs = out / "logs", out / "runs"
-
-    def step(text):
-        echo(f"\n== {text}  [{time.perf_counter() - started:.0f} s]")
-
     step(f"data: {'MedMNIST ' + flag + ' (download)' if download else 'generated ' + flag + ' (MedMNIST npz layout)'}")
     data_dir = make_data(out, flag, download=download, n_per_split=settings.n_per_split, seed=seed,
                          style=settings.data_style)
@@ -360,13 +357,8 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     echo(f"{data_dir}: {len(meta['label_names'])} classes {meta['label_names']}, {counts}"
          + (" -- GENERATED images, not real MedMNIST" if name == "generated" else ""))
 
-    step("tiny InternVL2 (InternLM2 LLM): " + ("pretrained into a small generalist on captioned shapes, cached"
-                                              if settings.pretrained else "random weights (--quick)"))
-    model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
-
     step("TSM: tiny ViT classifier trained on the task")
-    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, settings.tsm_epochs, seed),
-                     "tsm", logs, echo)
+    tsm_work = train("tsm", runs / "tsm", tsm_options(data_dir, settings.tsm_epochs, seed), "tsm", logs, echo)
     tsm_ckpt = best_tsm_checkpoint(tsm_work)
 
     step("VITask: stage 1 (L_van + L_EP + alpha L_RDA) then stage 2 (+ beta L_CRT, connector frozen)")
@@ -397,6 +389,46 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     rows = [{"model": key, "accuracy": float(r["accuracy"]), "macro_f1": float(r["macro_f1"])}
             for key, r in reports.items()]
     rows.append({"model": "tsm", "accuracy": tsm_metrics["accuracy"], "macro_f1": tsm_metrics["macro_f1"]})
+    return dict(data_dir=data_dir, meta=meta, name=name, rows=rows, reports=reports, tsm_metrics=tsm_metrics,
+                works=(vitask_work, vanilla_work, tsm_work), exports=(vitask_hf, vanilla_hf), vitask_model=vitask_model)
+
+
+def seed_rows(per_seed):
+    """{seed: rows} -> rows of mean accuracy / macro-F1 over the seeds, each with its std and per-seed values."""
+    import statistics
+
+    seeds = list(per_seed)
+    out = []
+    for i, row in enumerate(per_seed[seeds[0]]):
+        vals = {k: [per_seed[s][i][k] for s in seeds] for k in ("accuracy", "macro_f1")}
+        out.append({"model": row["model"], **{k: statistics.mean(v) for k, v in vals.items()},
+                    **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in vals.items()},
+                    "per_seed": {str(s): {k: per_seed[s][i][k] for k in vals} for s in seeds}})
+    return out
+
+
+def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed=0, seeds=1, echo=print):
+    """Run the whole demo over ``seeds`` seeds (seed, seed + 1, ...); returns the results dict (also written to
+    ``out_dir/results.json``). The first seed's run is in ``out_dir`` with every figure and the chat; the others
+    are in ``out_dir/seeds/seed<N>``. Each seed draws its own generated data, TSM, LoRA init and data order."""
+    started = time.perf_counter()
+    settings = QUICK if quick else FULL
+    flag = flag or settings.flag
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    all_seeds = list(range(seed, seed + max(1, int(seeds))))
+
+    def step(text, tag=""):
+        echo(f"\n== {tag}{text}  [{time.perf_counter() - started:.0f} s]")
+
+    step("tiny InternVL2 (InternLM2 LLM): " + ("pretrained into a small generalist on captioned shapes, cached"
+                                              if settings.pretrained else "random weights (--quick)"))
+    model_dir = build_vlm(out, settings.vlm_image_size, pretrained=settings.pretrained, echo=echo)
+    first = train_and_score(out, settings, flag, download, seed, model_dir,
+                            lambda t: step(t, f"seed {seed}: " if len(all_seeds) > 1 else ""), echo)
+    name, meta, data_dir = first["name"], first["meta"], first["data_dir"]
+    vitask_hf, vanilla_hf = first["exports"]
+    vitask_work, vanilla_work, tsm_work = first["works"]
 
     step("chat once with a test image (VITask export, EP on)")
     sample = read_jsonl(Path(data_dir) / "test.jsonl")[0]
@@ -406,28 +438,52 @@ def run_demo(out_dir="vitask_demo", flag=None, download=False, quick=False, seed
     echo(f"image: {image}\nuser: {prompt}\nassistant: {answer}\n(true label: {sample['conversations'][1]['value']})")
 
     step("Fig. 4: visual response ranking (own image vs another class's image), vanilla and VITask w/o EP")
-    ranking = response_ranking_pairs({"vanilla": (vanilla_hf, None), "VITask w/o EP": (vitask_hf, vitask_model)},
+    ranking = response_ranking_pairs({"vanilla": (vanilla_hf, None), "VITask w/o EP": (vitask_hf, first["vitask_model"])},
                                      data_dir, settings.eval_batch_size, seed)
-    pngs = write_figures(out, reports, tsm_metrics, meta, name, vitask_work, vanilla_work, tsm_work)
+    pngs = write_figures(out, first["reports"], first["tsm_metrics"], meta, name, vitask_work, vanilla_work, tsm_work)
     pngs.append(plot_ranking_panels(ranking, out / "fig4_response_ranking.png", f"generated {flag}"
                                     if name == "generated" else flag))
     pngs.append(plot_grad_norms({"VITask": scalars_of(vitask_work), "vanilla": scalars_of(vanilla_work)},
                                 out / "grad_norm.png", stage2_start(len(read_jsonl(Path(data_dir) / "train.jsonl"))),
                                 f"gradient norms before clipping, {name} {flag}"))
+    first.pop("vitask_model")  # free it before the next seeds train
+
+    per_seed = {seed: first["rows"]}
+    for other in all_seeds[1:]:
+        res = train_and_score(out / "seeds" / f"seed{other}", settings, flag, download, other, model_dir,
+                              lambda t, o=other: step(t, f"seed {o}: "), echo)
+        per_seed[other] = res["rows"]
+        echo("\n" + results_table(res["rows"], f"seed {other}, {res['name']}"))
+    rows = seed_rows(per_seed)
     result = {"rows": rows, "data": name, "wall_time_s": round(time.perf_counter() - started, 1),
-              "flag": flag, "generated": name == "generated", "settings": asdict(settings), "seed": seed,
-              "chat": {"image": str(image), "prompt": prompt, "answer": answer},
+              "flag": flag, "generated": name == "generated", "settings": asdict(settings), "seeds": all_seeds,
+              "seed": seed, "chat": {"image": str(image), "prompt": prompt, "answer": answer},
               "response_ranking": {k: {"positive_mean": float(p.mean()), "negative_mean": float(n.mean()),
                                        "ranked_correctly": float((p > n).mean()), "n_pairs": len(p)}
                                    for k, (p, n) in ranking.items()},
               "protocol": PROTOCOL}
     results_path = write_json_atomic(out / "results.json", result)
     echo("\n" + results_table(rows, name))
+    if len(all_seeds) > 1:
+        echo(f"mean ± std over seeds {all_seeds}; " + paired_line(rows))
+    else:
+        echo("one seed: `--seeds 3` gives mean ± std and the per-seed difference (a single seed is noisy here)")
     if name == "generated":
         echo("(generated data: synthetic images in MedMNIST's layout, not real medical images)")
-    echo(f"\nwall time {result['wall_time_s']:.0f} s\nresults: {results_path}\nfigures: "
-         + ", ".join(str(p) for p in pngs) + f"\nexports: {vitask_hf}, {vanilla_hf}\nlogs: {logs}")
+    echo(f"\nwall time {result['wall_time_s']:.0f} s\nresults: {results_path}\nfigures (seed {seed}): "
+         + ", ".join(str(p) for p in pngs) + f"\nexports (seed {seed}): {vitask_hf}, {vanilla_hf}\nlogs: {out / 'logs'}")
     return result
+
+
+def paired_line(rows):
+    """The paper's central comparison per seed: VITask w/o EP minus the vanilla recipe, macro-F1."""
+    import statistics
+
+    by = {r["model"]: r["per_seed"] for r in rows}
+    diffs = [by["vitask_no_ep"][s]["macro_f1"] - by["vanilla"][s]["macro_f1"] for s in by["vanilla"]]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return (f"VITask w/o EP - vanilla, macro-F1 per seed: {', '.join(f'{d:+.3f}' for d in diffs)} "
+            f"(mean {statistics.mean(diffs):+.3f} ± {sd:.3f}, above in {sum(d > 0 for d in diffs)}/{len(diffs)})")
 
 
 PROTOCOL = ("fair: both recipes train with their tiny config's own schedule (same optimizer steps, data order, "

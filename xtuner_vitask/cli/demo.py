@@ -2,7 +2,7 @@
 
 Generated MedMNIST-layout data -> data_tools -> tiny InternVL2 -> TSM -> VITask (both stages) and
 XTuner's vanilla InternVL2 recipe -> pth_to_hf export -> evaluation with and without EP -> one
-chat -> table + results.json + PNGs in --out. Offline, CPU, minutes.
+chat -> table + results.json + PNGs in --out; 3 seeds by default (mean ± std). Offline, CPU, minutes.
 """
 from ..errors import VITaskError
 
@@ -14,7 +14,9 @@ def add_arguments(parser):
     parser.add_argument("--download", action="store_true",
                         help="download the real MedMNIST npz of --flag (needs a network) instead of generating one")
     parser.add_argument("--quick", action="store_true", help="a smaller set and shorter training (smoke run)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and of every training run")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (generated data, TSM, LoRA init, data order)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds, mean ± std in the table (default: 3; 1 with --quick)")
 
 
 def run(args):
@@ -25,5 +27,8 @@ def run(args):
         raise VITaskError("--download needs --flag NAME (e.g. --flag dermamnist --download)")
     if args.flag:
         check_flag(args.flag)
-    run_demo(args.out, flag=args.flag, download=args.download, quick=args.quick, seed=args.seed)
+    if args.seeds is not None and args.seeds < 1:
+        raise VITaskError(f"--seeds {args.seeds}: give 1 or more")
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
+    run_demo(args.out, flag=args.flag, download=args.download, quick=args.quick, seed=args.seed, seeds=seeds)
     return 0
