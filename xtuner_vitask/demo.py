@@ -378,8 +378,10 @@ def train_and_score(out, settings, flag, download, seed, model_dir, step, echo=p
     evals = out / "eval"
     from .export.folder import inspect_export
     from .inference.exports import load_export_model
+    from .logs import quiet_mmengine
 
-    vitask_model = load_export_model(inspect_export(str(vitask_hf), need_ep=True), use_ep=True)  # loaded once
+    with quiet_mmengine():  # XTuner's wrapper logs its whole module tree
+        vitask_model = load_export_model(inspect_export(str(vitask_hf), need_ep=True), use_ep=True)  # loaded once
     reports = {"vanilla": evaluate(vanilla_hf, data_dir, False, evals / "vanilla", batch_size=settings.eval_batch_size),
                "vitask_no_ep": evaluate(vitask_hf, data_dir, False, evals / "vitask_no_ep",
                                         batch_size=settings.eval_batch_size, model=vitask_model),
