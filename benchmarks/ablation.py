@@ -17,6 +17,7 @@ Runs per seed (VITask config unless noted):
   vanilla          XTuner's vanilla InternVL2 LoRA recipe (the paper's "Vanilla" w/o EP, Fig. 2/3 "VLM")
   base             L_van + L_EP ("Vanilla" w/ EP)          +RDA / +CRT / +both   Table 2
   RDA*             +RDA with the exemplar side not detached (Fig. 3)
+  RDA_fwd          +RDA with KL(EP || plain) instead of eq. 3's KL(plain || EP): not the paper, a diagnostic
   EP_all, EP_rep   +both with all TSM tokens / TSM tokens replacing the image tokens (Fig. 2)
   vanilla_inc, +both_inc   trained and tested with incomplete instructions (Fig. 5)
   +both_const      +both under the previous schedule (constant lr 2e-3, no warm-up/decay): stage-2 stability
@@ -32,7 +33,6 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +45,8 @@ VITASK_ROWS = {  # run -> extra --cfg-options of configs/vitask_tiny_demo.py
     "+CRT": ["model.use_rda=False"],
     "+both": [],
     "RDA*": ["model.use_crt=False", "model.detach_rda=False"],
+    # not a paper row: eq. 3's KL with its sides swapped, KL(EP || plain) (the diagnostics table)
+    "RDA_fwd": ["model.use_crt=False", "model.rda_kl=forward"],
     "EP_all": ["model.ep_mode=all"],
     "EP_rep": ["model.ep_mode=rep"],
     # the schedule the tiny config had before (constant lr, no warm-up): the stage-2 stability comparison
@@ -236,6 +238,29 @@ CLAIMS = [
 ]
 
 
+# Not the paper's claims: comparisons that locate where the w/o-EP differences come from (same format, no verdict)
+DIAGNOSTICS = [
+    ("training with the EP pass (L_van + L_EP) vs the vanilla recipe, w/o EP", ("base", "macro_f1_no_ep"),
+     ("vanilla", "macro_f1_no_ep")),
+    ("RDA's own effect: +RDA vs L_van + L_EP, w/o EP", ("+RDA", "macro_f1_no_ep"), ("base", "macro_f1_no_ep")),
+    ("CRT's own effect: +CRT vs L_van + L_EP, w/o EP", ("+CRT", "macro_f1_no_ep"), ("base", "macro_f1_no_ep")),
+    ("RDA with KL(EP || plain) vs eq. 3's KL(plain || EP), w/o EP", ("RDA_fwd", "macro_f1_no_ep"),
+     ("+RDA", "macro_f1_no_ep")),
+]
+
+
+def diagnostic_lines(cache):
+    lines = ["| comparison (not a paper claim) | A − B, mean ± std | seeds A > B | p (one-sided) |", "|---|---:|---:|---:|"]
+    for sentence, (ra, ka), (rb, kb) in DIAGNOSTICS:
+        res = paired(values(cache, ra, ka), values(cache, rb, kb))
+        if res is None:
+            lines.append(f"| {sentence} | n/a | | |")
+            continue
+        mean, sd, wins, n, p = res
+        lines.append(f"| {sentence} | {mean:+.3f} ± {sd:.3f} | {wins}/{n} | {p:.3f} |")
+    return lines
+
+
 def derived(cache, stage2_from):
     """Quantities the claims compare that no single run holds: Fig. 5 drops, stage-2 max gradient norms."""
     for rows in cache.values():
@@ -290,7 +315,8 @@ def tables(cache):
     for label, row, suffix in (("VLM (vanilla recipe)", "vanilla", "_no_ep"), ("VLM + EP_cls", "+both", "_ep"),
                                ("VLM + EP_all", "EP_all", "_ep"), ("VLM + EP_rep", "EP_rep", "_ep"),
                                ("TSM", "tsm", ""), ("VLM + RDA (w/o EP)", "+RDA", "_no_ep"),
-                               ("VLM + RDA* (w/o EP)", "RDA*", "_no_ep")):
+                               ("VLM + RDA* (w/o EP)", "RDA*", "_no_ep"),
+                               ("VLM + RDA, KL(EP || plain) (w/o EP; not the paper)", "RDA_fwd", "_no_ep")):
         out.append(f"| {label} | {cell(cache, row, 'accuracy' + suffix)} | {cell(cache, row, 'macro_f1' + suffix)} |")
     out += ["", "Fig. 5 (incomplete instructions: no label list in the prompt; evaluated w/o EP)", "",
             "| model | acc complete | macro-F1 complete | acc incomplete | macro-F1 incomplete |",
@@ -314,8 +340,21 @@ def tables(cache):
                    f"{cell(cache, run, 'macro_f1_no_ep')} | {cell(cache, run, 'macro_f1_ep')} |")
     lines, _ = claim_lines(cache)
     out += ["", "Claims (paired over seeds: A − B per seed; reproduced = A > B in every seed; 'match' = within 0.02)",
-            "", *lines]
+            "", *lines, "", "Diagnostics (paired over seeds, macro-F1)", "", *diagnostic_lines(cache),
+            "", "Per seed, macro-F1 w/o EP (seeds " + ", ".join(sorted(cache, key=int)) + ")", "",
+            *per_seed_lines(cache)]
     return "\n".join(out)
+
+
+def per_seed_lines(cache):
+    """One line per run: its macro-F1 w/o EP in every seed (the bimodality the README discusses)."""
+    seeds = sorted(cache, key=int)
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for run in ("vanilla", "base", "+RDA", "+CRT", "+both", "RDA*", "RDA_fwd", "EP_all", "EP_rep", "+both_const"):
+        vals = [cache[s].get(run, {}).get("macro_f1_no_ep") for s in seeds]
+        if any(v is not None for v in vals):
+            lines.append(f"| {run} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- figures

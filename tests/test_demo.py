@@ -182,6 +182,15 @@ def test_ablation_tables_and_paired_claims():
     assert ablation.claim_lines(cache)[1]["main"].startswith("not reproduced")
     mean, sd, wins, n, p = ablation.paired({"0": 0.5, "1": 0.7}, {"0": 0.4, "1": 0.4})
     assert (round(mean, 3), wins, n) == (0.2, 2, 2) and 0 < p < 0.5
+    # diagnostics (no verdict) and the per-seed table
+    for seed, (base, fwd) in {"0": (0.5, 0.45), "1": (0.6, 0.5), "2": (0.4, 0.5)}.items():
+        cache[seed]["base"], cache[seed]["RDA_fwd"] = run(base, 0.9), run(fwd)
+    diag = ablation.diagnostic_lines(cache)
+    assert any(line.startswith("| training with the EP pass") and "| +0.300 ± 0.000 | 3/3 |" in line for line in diag)
+    assert any(line.startswith("| RDA with KL(EP || plain)") and line.endswith("| n/a | | |") for line in diag)
+    per_seed = ablation.per_seed_lines(cache)
+    assert "| base | 0.500 | 0.600 | 0.400 |" in per_seed and "| RDA_fwd | 0.450 | 0.500 | 0.500 |" in per_seed
+    assert "Diagnostics" in ablation.tables(cache)
 
 
 def test_ablation_rejects_unknown_runs(capsys):

@@ -47,6 +47,21 @@ def test_rda_eq3_is_kl_plain_to_exemplar():
     assert losses.response_distribution_alignment_loss(plain, plain).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_rda_forward_direction_swaps_the_sides_and_keeps_the_teacher_detached():
+    """kl='forward' (a diagnostic, not eq. 3): KL(EP || plain); an unknown direction is refused."""
+    p, q = [0.7, 0.2, 0.1], [0.2, 0.4, 0.4]
+    kl_qp = sum(b * LN(b / a) for a, b in zip(p, q))
+    plain, ep = logits_of(p).requires_grad_(), logits_of(q).requires_grad_()
+    got = losses.response_distribution_alignment_loss(plain, ep, kl="forward")
+    assert got.item() == pytest.approx(kl_qp, rel=1e-6)
+    got.backward()
+    assert ep.grad is None and plain.grad.abs().sum() > 0
+    # forward KL to a detached teacher = soft-label cross-entropy up to the teacher's entropy: grad = q_plain - p_ep
+    assert torch.allclose(plain.grad, (torch.tensor([p]) - torch.tensor([q])), atol=1e-6)
+    with pytest.raises(ValueError, match="kl='sideways'"):
+        losses.response_distribution_alignment_loss(plain, ep, kl="sideways")
+
+
 def test_rda_gradient_does_not_reach_exemplar_branch():
     plain = logits_of([0.5, 0.25, 0.25]).requires_grad_()
     ep = logits_of([0.25, 0.5, 0.25]).requires_grad_()

@@ -128,9 +128,10 @@ def test_with_activation_checkpointing(llm, ep_mode, stage):
 
 
 def test_rda_star_and_no_rda(tiny_model, batch):
-    """RDA* couples EP to the plain pass (one backward for both); without RDA, EP is independent."""
+    """RDA* couples EP to the plain pass (one backward for both); without RDA, EP is independent; the forward-KL
+    diagnostic takes the same passes."""
     data = with_exemplars(batch, "cls")
-    for kw in (dict(detach_rda=False), dict(use_rda=False)):
+    for kw in (dict(detach_rda=False), dict(use_rda=False), dict(rda_kl="forward")):
         model = build(tiny_model, **kw)
         model.set_stage(2)
         assert_same(model, data)

@@ -92,6 +92,8 @@ def test_bad_configs_are_clear_errors(tiny_model, tiny_tsm, derma_data, tmp_path
         build(tiny_model, tiny_tsm, derma_data, ep_mode="patch")
     with pytest.raises(VITaskError, match="alpha=-1"):
         build(tiny_model, tiny_tsm, derma_data, alpha=-1)
+    with pytest.raises(VITaskError, match="rda_kl='both'"):
+        build(tiny_model, tiny_tsm, derma_data, rda_kl="both")
     with pytest.raises(VITaskError, match="exemplar_dim=7"):
         build(tiny_model, tiny_tsm, derma_data, exemplar_dim=7)
     meta = json.load(open(f"{derma_data}/meta.json"))

@@ -61,6 +61,7 @@ beta = 1.0  # weight of L_CRT
 use_rda = True
 use_crt = True
 detach_rda = True  # False = RDA*
+rda_kl = "reverse"  # eq. 3 as printed, KL(plain || EP); "forward" swaps the sides (a diagnostic)
 stage1_epochs = 1
 stage2_epochs = 1
 
@@ -107,6 +108,7 @@ model = dict(
     use_rda=use_rda,
     use_crt=use_crt,
     detach_rda=detach_rda,
+    rda_kl=rda_kl,
 )
 
 #######################################################################

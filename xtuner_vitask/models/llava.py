@@ -166,17 +166,18 @@ class VITaskLLaVA(VITask, LLaVA):
 
     Args: as ``LLaVA`` (vision tower frozen by default, projector trained as in XTuner's finetune) and as
     ``VITaskInternVL`` for the method (tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda,
-    shared_prefix).
+    rda_kl, shared_prefix).
     ``xtuner convert pth_to_hf`` writes the plain model in XTuner's LLaVA layout (``llm_adapter/``,
     ``projector/``; ``visual_encoder/`` when it was trained) through XTuner's own ``to_hf``.
     """
 
     def __init__(self, llm, visual_encoder, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
-                 use_rda=True, use_crt=True, detach_rda=True, shared_prefix=True, freeze_visual_encoder=True,
-                 **kwargs):
-        check_vitask_arguments(ep_mode, alpha, beta)
+                 use_rda=True, use_crt=True, detach_rda=True, rda_kl="reverse", shared_prefix=True,
+                 freeze_visual_encoder=True, **kwargs):
+        check_vitask_arguments(ep_mode, alpha, beta, rda_kl)
         super().__init__(llm, visual_encoder, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
-        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix)
+        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix,
+                          rda_kl)
 
     def to_hf(self, cfg, save_dir, fp32=False, save_pretrained_kwargs=None, save_format="xtuner", **kwargs):
         """XTuner's export (``xtuner convert pth_to_hf``: its LLaVA layout for ``xtuner chat --llava``), plus the

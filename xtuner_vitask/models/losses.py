@@ -33,19 +33,26 @@ def exemplar_prompting_loss(ep_logits, targets):
     return F.cross_entropy(ep_logits.float(), targets)
 
 
-def response_distribution_alignment_loss(logits, ep_logits, detach_exemplar=True):
+RDA_KL = ("reverse", "forward")
+
+
+def response_distribution_alignment_loss(logits, ep_logits, detach_exemplar=True, kl="reverse"):
     """Eq. (3) L^RDA: KL(p(response | image) || p(response | image, exemplar)), mean over response tokens.
 
     The exemplar-prompted side is the teacher, so its gradient is detached; with
-    ``detach_exemplar=False`` this is the paper's RDA* ablation.
+    ``detach_exemplar=False`` this is the paper's RDA* ablation. ``kl="reverse"`` is eq. 3 as printed
+    (the plain model's distribution first: mode-seeking); ``kl="forward"`` swaps the sides,
+    KL(teacher || plain) as in knowledge distillation -- not the paper, a diagnostic for the ablation.
     """
+    if kl not in RDA_KL:
+        raise ValueError(f"kl={kl!r}: choose one of {RDA_KL}")
     teacher = F.log_softmax(ep_logits.float(), dim=-1)
     if detach_exemplar:
         teacher = teacher.detach()
     student = F.log_softmax(logits.float(), dim=-1)
-    # KL(P || Q) = sum_v P (log P - log Q) with P = student (the plain model), Q = teacher.
-    kl = (student.exp() * (student - teacher)).sum(dim=-1)
-    return kl.mean()
+    first, second = (student, teacher) if kl == "reverse" else (teacher, student)
+    # KL(P || Q) = sum_v P (log P - log Q)
+    return (first.exp() * (first - second)).sum(dim=-1).mean()
 
 
 def contrastive_response_tuning_loss(pos_logits, neg_logits, targets):

@@ -268,7 +268,8 @@ def shared_prefix_terms(model, plain, ep, neg, root_end, trunk_end):
 
         terms = {"loss_van": losses.vanilla_loss(plain_logits, targets), "loss_ep": loss_ep}
         if model.use_rda:
-            terms["loss_rda"] = losses.response_distribution_alignment_loss(plain_logits, ep_logits, model.detach_rda)
+            terms["loss_rda"] = losses.response_distribution_alignment_loss(plain_logits, ep_logits, model.detach_rda,
+                                                                            model.rda_kl)
         if neg is not None:
             neg_logits, _, _ = response_logits(neg, root_end, prefix(kv, root_end))
             terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain_logits, neg_logits, targets)

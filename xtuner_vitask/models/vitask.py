@@ -21,9 +21,11 @@ from .shared_prefix import layout, log_once, shared_prefix_terms, unsupported_re
 CONNECTOR_GROUP = "connector"
 
 
-def check_vitask_arguments(ep_mode, alpha, beta):
-    """Refuse an unknown EP mode or a negative loss weight before any model is loaded."""
+def check_vitask_arguments(ep_mode, alpha, beta, rda_kl="reverse"):
+    """Refuse an unknown EP mode, RDA direction or a negative loss weight before any model is loaded."""
     feature_kind(ep_mode)  # refuses anything but EP_MODES
+    if rda_kl not in losses.RDA_KL:
+        raise VITaskError(f"rda_kl={rda_kl!r}: choose one of {', '.join(losses.RDA_KL)} (reverse = eq. 3 as printed)")
     for name, value in (("alpha", alpha), ("beta", beta)):
         if value < 0:
             raise VITaskError(f"{name}={value}: loss weights must be >= 0 (0 switches the term off)")
@@ -45,10 +47,12 @@ class VITask:
     passes, the stages, the checkpoint contents -- is here, once.
     """
 
-    def _init_vitask(self, tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix):
+    def _init_vitask(self, tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix,
+                     rda_kl="reverse"):
         """After the wrapper is built: the TSM (frozen, optional), the connector, stage 1."""
         self.ep_mode, self.alpha, self.beta = ep_mode, float(alpha), float(beta)
         self.use_rda, self.use_crt, self.detach_rda = use_rda and alpha > 0, use_crt and beta > 0, detach_rda
+        self.rda_kl = rda_kl
         self.shared_prefix = shared_prefix
 
         self.tsm = None
@@ -152,7 +156,7 @@ class VITask:
         ep, _ = self.response_logits(*ep)
         terms["loss_ep"] = losses.exemplar_prompting_loss(ep, targets)
         if self.use_rda:
-            terms["loss_rda"] = losses.response_distribution_alignment_loss(plain, ep, self.detach_rda)
+            terms["loss_rda"] = losses.response_distribution_alignment_loss(plain, ep, self.detach_rda, self.rda_kl)
         if neg is not None:
             neg, _ = self.response_logits(*neg)
             terms["loss_crt"] = losses.contrastive_response_tuning_loss(plain, neg, targets)
@@ -200,6 +204,8 @@ class VITaskInternVL(VITask, InternVL2):
         alpha, beta: weights of L_RDA and L_CRT in eq. 7.
         use_rda, use_crt: switch the terms off for the Table 2 ablation rows.
         detach_rda: False gives RDA* (gradient flows into the exemplar-prompted branch).
+        rda_kl: 'reverse' = eq. 3 as printed, KL(plain || exemplar-prompted); 'forward' swaps the sides
+            (knowledge distillation's direction; not the paper: a diagnostic of benchmarks/ablation.py).
         shared_prefix: run the plain, EP and CRT-negative passes on one computation of their common prefix
             (``models/shared_prefix.py``; same losses and gradients, less time and memory). False runs
             full passes (the reference); combinations that cannot share fall back to them (logged once).
@@ -207,11 +213,12 @@ class VITaskInternVL(VITask, InternVL2):
 
 
     def __init__(self, model_path, *, tsm=None, exemplar_dim=None, ep_mode="cls", alpha=1.0, beta=1.0,
-                 use_rda=True, use_crt=True, detach_rda=True, shared_prefix=True, freeze_mlp1=True,
+                 use_rda=True, use_crt=True, detach_rda=True, rda_kl="reverse", shared_prefix=True, freeze_mlp1=True,
                  freeze_visual_encoder=True, **kwargs):
-        check_vitask_arguments(ep_mode, alpha, beta)
+        check_vitask_arguments(ep_mode, alpha, beta, rda_kl)
         super().__init__(model_path, freeze_mlp1=freeze_mlp1, freeze_visual_encoder=freeze_visual_encoder, **kwargs)
-        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix)
+        self._init_vitask(tsm, exemplar_dim, ep_mode, alpha, beta, use_rda, use_crt, detach_rda, shared_prefix,
+                          rda_kl)
 
     # ---- the adapter (see VITask) -------------------------------------------------------------
     @property
