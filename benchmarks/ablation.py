@@ -362,14 +362,15 @@ def plot_summary(cache, path):
     """One PNG: macro-F1 (mean ± std, one dot per seed) of the main rows of every experiment."""
     from xtuner_vitask.evaluation.plots import _pyplot, _save_atomic
 
-    panels = [("Table 2: w/o EP", [("vanilla\nrecipe", "vanilla", "macro_f1_no_ep"), ("+RDA", "+RDA", "macro_f1_no_ep"),
+    panels = [("Table 2: w/o EP", [("vanilla\nrecipe", "vanilla", "macro_f1_no_ep"),
+                                  ("L_van+\nL_EP", "base", "macro_f1_no_ep"), ("+RDA", "+RDA", "macro_f1_no_ep"),
                                   ("+CRT", "+CRT", "macro_f1_no_ep"), ("+both", "+both", "macro_f1_no_ep")]),
               ("Table 2: w/ EP", [("L_van+\nL_EP", "base", "macro_f1_ep"), ("+RDA", "+RDA", "macro_f1_ep"),
                                  ("+CRT", "+CRT", "macro_f1_ep"), ("+both", "+both", "macro_f1_ep"),
                                  ("TSM", "tsm", "macro_f1")]),
               ("Fig. 2 / 3", [("EP_cls", "+both", "macro_f1_ep"), ("EP_all", "EP_all", "macro_f1_ep"),
                               ("EP_rep", "EP_rep", "macro_f1_ep"), ("RDA", "+RDA", "macro_f1_no_ep"),
-                              ("RDA*", "RDA*", "macro_f1_no_ep")]),
+                              ("RDA*", "RDA*", "macro_f1_no_ep"), ("RDA fwd\n(not paper)", "RDA_fwd", "macro_f1_no_ep")]),
               ("Fig. 5: incomplete instr.", [("vanilla", "vanilla_inc", "macro_f1_no_ep"),
                                              ("VITask\nw/o EP", "+both_inc", "macro_f1_no_ep")]),
               ("Table 3: external", [("TSM", "external", "tsm_macro_f1"), ("vanilla", "external", "vanilla_macro_f1"),
@@ -384,14 +385,16 @@ def plot_summary(cache, path):
                 if not vals:
                     continue
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                ax.bar(x, statistics.mean(vals), yerr=sd, color="C0" if "EP" not in title else "C1", alpha=0.7,
+                ax.bar(x, statistics.mean(vals), yerr=sd, color="C1" if "w/ EP" in title else "C0", alpha=0.7,
                        capsize=3)
                 ax.plot([x] * len(vals), vals, "k.", ms=4)
             ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
             ax.set_title(title, fontsize=9)
             ax.set_ylim(0, 1)
         axes[0].set_ylabel("test macro-F1 (mean ± std, dots: seeds)")
-        fig.suptitle(f"VITask ablation at CPU scale (generated data, {len(cache)} seeds)", fontsize=10)
+        n = sorted(len(values(cache, run, key)) for _, bars in panels for _, run, key in bars if values(cache, run, key))
+        seeds = f"{n[0]}-{n[-1]} seeds per bar" if n and n[0] != n[-1] else f"{len(cache)} seeds"
+        fig.suptitle(f"VITask ablation at CPU scale (generated data, {seeds})", fontsize=10)
         fig.tight_layout()
         return _save_atomic(fig, str(path))
     finally:
