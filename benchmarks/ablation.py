@@ -290,10 +290,13 @@ def claim_lines(cache):
             ok = mean > -0.02
         else:
             ok = mean > 0 and wins == n
-        big = cid == "main" and mean >= 0.05 and mean > sd
         verdict = "reproduced" if ok else "not reproduced"
-        if cid == "main":
-            verdict += " (+0.05 target met)" if big else " (+0.05 target not met)"
+        if cid == "main":  # issue target: +0.05 or more, a margin larger than the seed spread of either arm
+            arm_sd = max(statistics.stdev(v.values()) if len(v) > 1 else 0.0
+                         for v in (values(cache, ra, ka), values(cache, rb, kb)))
+            big = mean >= 0.05 and mean > arm_sd
+            verdict += (f" (+0.05 target {'met' if big else 'not met'}: margin {mean:+.3f} vs the arms' seed "
+                        f"std {arm_sd:.3f})")
         verdicts[cid] = verdict
         lines.append(f"| {sentence} ({source}) | {mean:+.3f} ± {sd:.3f} | {wins}/{n} | {p:.3f} | {verdict} |")
     return lines, verdicts
