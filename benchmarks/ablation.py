@@ -249,6 +249,12 @@ DIAGNOSTICS = [
 ]
 
 
+def diff_cells(res):
+    """'mean ± std | wins/n | p' of a ``paired`` result."""
+    mean, sd, wins, n, p = res
+    return f"{mean:+.3f} ± {sd:.3f} | {wins}/{n} | {p:.3f}"
+
+
 def diagnostic_lines(cache):
     lines = ["| comparison (not a paper claim) | A − B, mean ± std | seeds A > B | p (one-sided) |", "|---|---:|---:|---:|"]
     for sentence, (ra, ka), (rb, kb) in DIAGNOSTICS:
@@ -256,8 +262,7 @@ def diagnostic_lines(cache):
         if res is None:
             lines.append(f"| {sentence} | n/a | | |")
             continue
-        mean, sd, wins, n, p = res
-        lines.append(f"| {sentence} | {mean:+.3f} ± {sd:.3f} | {wins}/{n} | {p:.3f} |")
+        lines.append(f"| {sentence} | {diff_cells(res)} |")
     return lines
 
 
@@ -270,7 +275,7 @@ def derived(cache, stage2_from):
         if {"+both", "+both_inc"} <= set(rows):
             rows.setdefault("vitask_drop", {})["value"] = (rows["+both"]["macro_f1_no_ep"]
                                                         - rows["+both_inc"]["macro_f1_no_ep"])
-        for run in ("+both", "+both_const"):
+        for run in ("+both", "+both_const", "+RDA"):
             if run in rows and rows[run].get("grad_norm"):
                 rows[run]["stage2_grad_max"] = max(rows[run]["grad_norm"][stage2_from:])
     return cache
@@ -298,7 +303,7 @@ def claim_lines(cache):
             verdict += (f" (+0.05 target {'met' if big else 'not met'}: margin {mean:+.3f} vs the arms' seed "
                         f"std {arm_sd:.3f})")
         verdicts[cid] = verdict
-        lines.append(f"| {sentence} ({source}) | {mean:+.3f} ± {sd:.3f} | {wins}/{n} | {p:.3f} | {verdict} |")
+        lines.append(f"| {sentence} ({source}) | {diff_cells(res)} | {verdict} |")
     return lines, verdicts
 
 
@@ -338,7 +343,8 @@ def tables(cache):
     out += ["", "Stage 2 (the last epoch): max gradient norm before clipping, and loss_crt at the end", "",
             "| schedule | max grad norm in stage 2 | loss_crt (last 10 steps) | macro-F1 w/o EP | macro-F1 w/ EP |",
             "|---|---:|---:|---:|---:|"]
-    for label, run in (("constant lr 2e-3 (before)", "+both_const"), ("warm-up + cosine (configs now)", "+both")):
+    for label, run in (("constant lr 2e-3 (before)", "+both_const"), ("warm-up + cosine (configs now)", "+both"),
+                       ("no CRT (+RDA), warm-up + cosine", "+RDA")):
         out.append(f"| {label} | {cell(cache, run, 'stage2_grad_max')} | {cell(cache, run, 'loss_crt_last')} | "
                    f"{cell(cache, run, 'macro_f1_no_ep')} | {cell(cache, run, 'macro_f1_ep')} |")
     lines, _ = claim_lines(cache)

@@ -56,7 +56,7 @@ def test_rda_forward_direction_swaps_the_sides_and_keeps_the_teacher_detached():
     assert got.item() == pytest.approx(kl_qp, rel=1e-6)
     got.backward()
     assert ep.grad is None and plain.grad.abs().sum() > 0
-    # forward KL to a detached teacher = soft-label cross-entropy up to the teacher's entropy: grad = q_plain - p_ep
+    # forward KL to a detached teacher = soft-label cross-entropy up to the teacher's entropy: grad = p - q
     assert torch.allclose(plain.grad, (torch.tensor([p]) - torch.tensor([q])), atol=1e-6)
     with pytest.raises(ValueError, match="kl='sideways'"):
         losses.response_distribution_alignment_loss(plain, ep, kl="sideways")
